@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): throughput and latency next to ceilings measured in the same run."""

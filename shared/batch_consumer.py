@@ -1,0 +1,353 @@
+"""The shared batch consumer every hot topic goes through (DESIGN "Service runtime").
+
+getmany -> decode -> handler(conn, records) in ONE PostgreSQL transaction that also advances
+the consumer positions stored in the database -> commit -> commit Kafka offsets.
+
+The stored positions make effects exactly-once: the transaction locks the rows of the
+partitions in the batch and skips records below the stored position, so a batch re-read after a
+crash, or read by two workers across a rebalance, is applied once. Undecodable records and
+records the handler rejects permanently go to the dead-letter topic (through the outbox, in the
+same transaction) with their reason; the partition keeps moving. Transient failures (database
+or broker away) are retried with capped back-off, up to a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from shared.avro import AvroCodec
+from shared.db import TRANSIENT_DB_ERRORS
+from shared.errors import PermanentError, SchemaError, TransientError
+from shared.logs import redact_text
+from shared.metrics import ServiceMetrics
+from shared.outbox import OutboxMessage, add_to_outbox
+from shared.topics import DEAD_LETTER, Topic
+
+log = logging.getLogger(__name__)
+UTC = dt.UTC
+
+
+@dataclass(slots=True)
+class Record:
+    """One consumed record, decoded."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: Any
+    raw: bytes | None
+    timestamp_ms: int
+
+
+Handler = Callable[[asyncpg.Connection, list[Record]], Awaitable[None]]
+Decoder = Callable[[Topic, bytes | None], Any]
+
+
+@dataclass
+class DeadLetter:
+    """Why a record was rejected."""
+
+    record: Record
+    reason: str
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    event_id: str | None = None
+
+
+TRANSIENT = (TransientError, KafkaError, *TRANSIENT_DB_ERRORS)
+
+_CLAIM = """
+INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
+SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int[]) AS u(t, p)
+ON CONFLICT DO NOTHING
+"""
+_LOCK = """
+SELECT o.topic, o.partition, o.next_offset FROM consumer_offsets o
+JOIN unnest($2::text[], $3::int[]) AS u(t, p) ON o.topic = u.t AND o.partition = u.p
+WHERE o.group_id = $1
+ORDER BY o.topic, o.partition
+FOR UPDATE OF o
+"""
+_ADVANCE = """
+UPDATE consumer_offsets o SET next_offset = u.n, updated_at = now()
+FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, n)
+WHERE o.group_id = $1 AND o.topic = u.t AND o.partition = u.p AND o.next_offset < u.n
+"""
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, owner: BatchConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        # Wait for the batch in flight so its offsets are stored before another worker takes over.
+        async with self.owner._in_flight:
+            pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.owner._position(list(assigned))
+
+
+class BatchConsumer:
+    """Consumes `topics` in consumer group `group_id` and applies batches through `handler`."""
+
+    def __init__(self, *, service: str, bootstrap: str, group_id: str, topics: Sequence[Topic],
+                 pool: asyncpg.Pool, handler: Handler, codec: AvroCodec, metrics: ServiceMetrics,
+                 dlq_topic: str, decoder: Decoder | None = None, max_records: int = 1000,
+                 max_transient_attempts: int = 60, on_committed: Callable[[], None] | None = None,
+                 consumer_options: dict[str, Any] | None = None) -> None:
+        self.service = service
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.topics = {t.name: t for t in topics}
+        self.pool = pool
+        self.handler = handler
+        self.codec = codec
+        self.metrics = metrics
+        self.dlq_topic = dlq_topic
+        self.decoder = decoder or self._decode_avro
+        self.max_records = max_records
+        self.max_transient_attempts = max_transient_attempts
+        self.on_committed = on_committed
+        self.consumer_options = consumer_options or {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self._in_flight = asyncio.Lock()
+        self.healthy = False
+        self.applied = 0
+
+    async def start(self) -> None:
+        options = dict(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            client_id=f"omnicrm-{self.service}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 << 20,
+            fetch_max_bytes=32 << 20,
+            session_timeout_ms=10000,
+            heartbeat_interval_ms=1000,
+            max_poll_interval_ms=300000,
+        )
+        options.update(self.consumer_options)
+        self.consumer = AIOKafkaConsumer(**options)
+        # Subscribing before start() lets the first metadata fetch include the topics, so the
+        # group is joined at once instead of after the next metadata refresh.
+        self.consumer.subscribe(list(self.topics), listener=_Rebalance(self))
+        await self.consumer.start()
+        self.healthy = True
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            async with self._in_flight:
+                await self.consumer.stop()
+            self.consumer = None
+
+    async def run(self) -> None:
+        """Consume until cancelled."""
+        assert self.consumer is not None, "start() first"
+        while True:
+            try:
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            except KafkaError as exc:
+                self.healthy = False
+                log.warning("fetch failed, retrying: %s", type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            self.healthy = True
+            if not batch:
+                continue
+            messages = [m for msgs in batch.values() for m in msgs]
+            await self.process(messages)
+
+    async def process(self, messages: list[Any]) -> None:
+        """Apply one fetched batch exactly once (public for tests and benchmarks)."""
+        started = time.perf_counter()
+        async with self._in_flight:
+            records: list[Record] = []
+            dead: list[DeadLetter] = []
+            for m in messages:
+                rec = Record(m.topic, m.partition, m.offset, m.key, None, m.value, m.timestamp)
+                try:
+                    rec.value = self.decoder(self.topics[m.topic], m.value)
+                    records.append(rec)
+                except PermanentError as exc:
+                    dead.append(DeadLetter(rec, exc.reason, [("value", str(exc))]))
+            positions = _next_offsets(messages)
+            await self._apply_with_retry(records, dead, positions)
+            await self._commit_kafka(positions)
+        per_topic: dict[str, int] = {}
+        for m in messages:
+            per_topic[m.topic] = per_topic.get(m.topic, 0) + 1
+        for name, count in per_topic.items():
+            self.metrics.events_consumed.labels(topic=name).inc(count)
+        self.metrics.batch_size.observe(len(messages))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self._measure_lag(positions)
+        if self.on_committed is not None:
+            self.on_committed()
+
+    async def _apply_with_retry(self, records: list[Record], dead: list[DeadLetter],
+                                positions: dict[tuple[str, int], int]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._apply(records, dead, positions)
+                self.healthy = True
+                return
+            except TRANSIENT as exc:
+                attempt += 1
+                self.healthy = False
+                self.metrics.retries.labels(kind=type(exc).__name__).inc()
+                if attempt >= self.max_transient_attempts:
+                    raise
+                delay = min(0.05 * (2 ** attempt), 5.0)
+                log.warning("batch failed transiently (%s), retry %d in %.2fs",
+                            type(exc).__name__, attempt, delay)
+                await asyncio.sleep(delay)
+            except Exception as exc:  # noqa: BLE001 - anything else: isolate the poison record(s)
+                log.warning("batch failed (%s); applying records one by one", type(exc).__name__)
+                await self._apply_one_by_one(records, dead, positions)
+                self.healthy = True
+                return
+
+    async def _apply_one_by_one(self, records: list[Record], dead: list[DeadLetter],
+                                positions: dict[tuple[str, int], int]) -> None:
+        # Dead letters found while decoding go out with the first record's transaction.
+        pending_dead = list(dead)
+        for rec in records:
+            single_pos = {(rec.topic, rec.partition): rec.offset + 1}
+            for attempt in range(2):
+                try:
+                    await self._apply([rec], pending_dead, single_pos)
+                    pending_dead = []
+                    break
+                except TRANSIENT:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                except Exception as exc:  # noqa: BLE001
+                    if attempt == 1:
+                        reason = exc.reason if isinstance(exc, PermanentError) else "handler_error"
+                        letter = DeadLetter(rec, reason, [("", _describe(exc))])
+                        await self._apply_retrying([], [*pending_dead, letter], single_pos)
+                        pending_dead = []
+        # Positions for the whole batch (covers decode-only dead letters at the end).
+        await self._apply_retrying([], pending_dead, positions)
+
+    async def _apply_retrying(self, records, dead, positions) -> None:
+        for attempt in range(self.max_transient_attempts):
+            try:
+                await self._apply(records, dead, positions)
+                return
+            except TRANSIENT:
+                await asyncio.sleep(min(0.05 * (2 ** attempt), 5.0))
+        raise TransientError("could not record dead letters")
+
+    async def _apply(self, records: list[Record], dead: list[DeadLetter],
+                     positions: dict[tuple[str, int], int]) -> None:
+        topics = [tp[0] for tp in positions]
+        parts = [tp[1] for tp in positions]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_CLAIM, self.group_id, topics, parts)
+            stored = {
+                (r["topic"], r["partition"]): r["next_offset"]
+                for r in await conn.fetch(_LOCK, self.group_id, topics, parts)
+            }
+            fresh = [r for r in records if r.offset >= stored.get((r.topic, r.partition), 0)]
+            fresh_dead = [d for d in dead
+                          if d.record.offset >= stored.get((d.record.topic, d.record.partition), 0)]
+            if fresh:
+                await self.handler(conn, fresh)
+            if fresh_dead:
+                await add_to_outbox(conn, [self._dead_letter_message(d) for d in fresh_dead])
+                for d in fresh_dead:
+                    self.metrics.dlq.labels(reason=d.reason).inc()
+            await conn.execute(
+                _ADVANCE, self.group_id, topics, parts, [positions[tp] for tp in positions]
+            )
+        self.applied += len(fresh)
+
+    def _dead_letter_message(self, d: DeadLetter) -> OutboxMessage:
+        value = self.codec.encode(DEAD_LETTER, {
+            "event_id": d.event_id,
+            "service": self.service,
+            "source_topic": d.record.topic,
+            "partition": d.record.partition,
+            "offset": d.record.offset,
+            "key": d.record.key,
+            "raw": d.record.raw or b"",
+            "source": None,
+            "reason": d.reason,
+            "errors": [{"field": f, "message": m} for f, m in d.errors],
+            "dead_lettered_at": dt.datetime.now(UTC),
+        })
+        key = d.event_id or f"{d.record.topic}:{d.record.partition}:{d.record.offset}"
+        return OutboxMessage(self.dlq_topic, key, value)
+
+    async def _position(self, assigned: list[TopicPartition]) -> None:
+        """Seek newly assigned partitions to the positions stored with the state."""
+        if not assigned or self.consumer is None:
+            return
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT topic, partition, next_offset FROM consumer_offsets "
+                    "WHERE group_id = $1 AND topic = ANY($2::text[])",
+                    self.group_id, list({tp.topic for tp in assigned}),
+                )
+        except TRANSIENT_DB_ERRORS as exc:
+            log.warning("could not read stored positions (%s); using committed offsets",
+                        type(exc).__name__)
+            return
+        stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        for tp in assigned:
+            if (tp.topic, tp.partition) in stored:
+                self.consumer.seek(tp, stored[(tp.topic, tp.partition)])
+
+    async def _commit_kafka(self, positions: dict[tuple[str, int], int]) -> None:
+        # Kafka's committed offsets are for lag monitoring and tooling; the database is authoritative.
+        try:
+            await self.consumer.commit({
+                TopicPartition(t, p): OffsetAndMetadata(o, "") for (t, p), o in positions.items()
+            })
+        except KafkaError as exc:
+            log.info("kafka offset commit skipped: %s", type(exc).__name__)
+
+    def _measure_lag(self, positions: dict[tuple[str, int], int]) -> None:
+        if self.consumer is None:
+            return
+        for (t, p), nxt in positions.items():
+            high = self.consumer.highwater(TopicPartition(t, p))
+            if high is not None:
+                self.metrics.consumer_lag.labels(topic=t, partition=str(p)).set(max(high - nxt, 0))
+
+    def _decode_avro(self, topic: Topic, value: bytes | None) -> Any:
+        if value is None:
+            return None  # tombstone
+        if topic.subject is None:
+            raise SchemaError("no_schema", f"{topic.name} has no Avro subject")
+        return self.codec.decode(value, topic.subject)
+
+
+def _next_offsets(messages: list[Any]) -> dict[tuple[str, int], int]:
+    positions: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        if m.offset + 1 > positions.get(key, -1):
+            positions[key] = m.offset + 1
+    return positions
+
+
+def _describe(exc: BaseException) -> str:
+    # Exception text can carry values from the record; keep the class and a bounded message.
+    return f"{type(exc).__name__}: {redact_text(str(exc))[:300]}"

