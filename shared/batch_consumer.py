@@ -138,6 +138,9 @@ class BatchConsumer:
             session_timeout_ms=10000,
             heartbeat_interval_ms=1000,
             max_poll_interval_ms=300000,
+            # A fetch lost on a half-dead connection is retried after this, not after 40 s.
+            request_timeout_ms=10000,
+            connections_max_idle_ms=60000,
         )
         options.update(self.consumer_options)
         self.consumer = AIOKafkaConsumer(**options)

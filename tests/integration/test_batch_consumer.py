@@ -43,10 +43,10 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 def start_worker(broker: str, database: str, *, schema: str, topic: str, group: str, dlq: str,
-                 name: str, delay: float = 0.0) -> subprocess.Popen:
+                 name: str, delay: float = 0.0, max_records: int = 500) -> subprocess.Popen:
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=broker, DATABASE_URL=database,
                TEST_SCHEMA=schema, TEST_TOPIC=topic, TEST_GROUP=group, TEST_DLQ=dlq,
-               TEST_WORKER=name, TEST_HANDLER_DELAY=str(delay))
+               TEST_WORKER=name, TEST_HANDLER_DELAY=str(delay), TEST_MAX_RECORDS=str(max_records))
     log_dir = ROOT / ".omnicrm" / "test-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"worker-{schema}-{name}.log", "ab")  # noqa: SIM115 - owned by the child

@@ -64,6 +64,8 @@ async def main() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # SIGUSR1 prints every task's stack: how a stuck worker is diagnosed.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: [t.print_stack() for t in asyncio.all_tasks()])
     tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
     print("worker started", flush=True)
     stopper = asyncio.create_task(stop.wait())

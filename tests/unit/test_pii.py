@@ -6,7 +6,14 @@ import io
 import logging
 
 from shared.logs import JsonFormatter
-from shared.pii import PiiRedactingFilter, contains_pii, mask_email, mask_identifier, mask_phone, redact
+from shared.pii import (
+    PiiRedactingFilter,
+    contains_pii,
+    mask_email,
+    mask_identifier,
+    mask_phone,
+    redact,
+)
 
 
 def test_masks_follow_the_contract_examples() -> None:
