@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -221,8 +222,6 @@ class BackgroundPublisher:
 
     def __init__(self, events: list[dict[str, Any]], url: str, key: str,
                  pacer: Pacer | None = None) -> None:
-        import threading
-
         self.events, self.url, self.key, self.pacer = events, url, key, pacer
         self.result = PublishResult()
         self.error: str | None = None

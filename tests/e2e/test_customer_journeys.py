@@ -133,8 +133,27 @@ async def test_soho_story_till_web_and_whatsapp_become_one_customer(pipeline, ht
         return next((n for n in items if n["trigger_id"] == trigger["trigger_id"]), None)
 
     note = await eventually(decided, timeout=60, message="a notification decision for the thank-you")
-    # consented to WhatsApp and email; WhatsApp comes first in the default order
-    assert note["channel"] == "whatsapp" and note["status"] in ("sent", "deferred", "pending", "delivered"), note
+    # the thank-you fired when the till customer had consented to nothing yet
+    assert (note["status"], note["reason"]) == ("suppressed", "no_consent"), note
+
+    # After the web consent, the next store visit's thank-you goes out on WhatsApp (first in order).
+    hudson = f"hudson-{tag}"
+    second = {**sale, "event_id": f"pos-{tag}-2", "store_id": hudson,
+              "occurred_at": rfc3339(now - dt.timedelta(minutes=1)),
+              "properties": {**sale["properties"], "order_id": f"o-{tag}-2", "total": "20.00", "lines": []}}
+    answer = await publish(http, p, _clean(store(hudson, "Hudson Yards")), second)
+    assert answer["accepted"] == 2, answer
+
+    async def second_thank_you() -> dict | None:
+        got = await get_json(http, f"{p.url('notifications')}/v1/customers/{till_id}/notifications") or []
+        items = got.get("notifications", got) if isinstance(got, dict) else got
+        return next((n for n in items if n["kind"] == "geo_thank_you" and n["trigger_id"] != trigger["trigger_id"]), None)
+
+    note = await eventually(second_thank_you, timeout=60, message="the Hudson Yards thank-you decided")
+    assert note["channel"] == "whatsapp", note
+    assert note["status"] in ("sent", "deferred", "delivered"), note
+    if note["status"] != "deferred":
+        assert "Hudson Yards" in (note.get("body") or ""), note
 
 
 async def _loyalty_with_balance(http, p, customer_id: str, points: int) -> dict | None:

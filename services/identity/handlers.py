@@ -1,0 +1,205 @@
+"""Batches in, identity decisions out: normalise, de-duplicate, load the graph once, resolve each
+event, write the changes and the outbox records (resolved events, profiles, merges) in the
+consumer's transaction.
+
+Two workers can see the same person at once. The batch runs in a savepoint: customers are locked
+in id order, new identifiers are inserted in key order under their unique key, and when another
+worker got there first (unique violation, or a locked customer turned out merged away) the
+savepoint is rolled back and the batch is resolved again against the now-committed graph.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from services.identity import profile, store
+from services.identity.normalise import Ident, Normaliser
+from services.identity.records import profile_record
+from services.identity.resolution import Graph, Guard, Incoming, NoIdentifier, resolve
+from shared.avro import AvroCodec
+from shared.batch_consumer import Record
+from shared.clock import Clock
+from shared.errors import PermanentError, TransientError
+from shared.events import STORE_TYPES, for_encoding
+from shared.metrics import ServiceMetrics
+from shared.outbox import OutboxMessage, add_to_outbox
+from shared.topics import (
+    IDENTITY_EVENTS,
+    IDENTITY_MERGES,
+    IDENTITY_PROFILES,
+    MERGE,
+    PROFILE,
+    RESOLVED,
+    ROUTES,
+)
+
+log = logging.getLogger(__name__)
+CUSTOMER_TYPES = frozenset(t for t in ROUTES if t not in STORE_TYPES)
+
+
+class _GraphMoved(Exception):
+    """A customer this batch locked was merged away by another worker meanwhile."""
+
+
+@dataclass
+class _Item:
+    event: dict[str, Any]
+    incoming: Incoming
+
+
+class IdentityMetrics:
+    """The identity-specific metric families (labels are outcomes and reasons, never identifiers)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.resolutions = metrics.counter("resolutions", "Events resolved, by outcome.", ("outcome",))
+        self.merges = metrics.counter("merges", "Merge edges recorded or undone.", ("kind",))
+        self.quarantined = metrics.counter(
+            "quarantined", "Identifiers held back by the over-merge guard, by reason.", ("reason",))
+        self.conflicts = metrics.counter(
+            "graph_conflicts", "Batches resolved again after another worker changed the graph.")
+        self.duplicates = metrics.counter("duplicate_events", "Re-delivered events skipped.")
+        self.erased = metrics.counter("erased", "Customers erased on request.")
+
+
+class IdentityHandler:
+    """The batch handler of the ingest topics."""
+
+    def __init__(self, *, codec: AvroCodec, normaliser: Normaliser, guard: Guard,
+                 metrics: IdentityMetrics, clock: Clock,
+                 save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+                 max_attempts: int = 8) -> None:
+        self.codec = codec
+        self.normaliser = normaliser
+        self.guard = guard
+        self.metrics = metrics
+        self.clock = clock
+        self.save_watermark = save_watermark
+        self.max_attempts = max_attempts
+        self.countries: dict[str, str] = {}
+
+    async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
+        events = [r.value for r in records
+                  if isinstance(r.value, dict) and r.value.get("type") in CUSTOMER_TYPES]
+        if not events:
+            return
+        await self._learn_countries(conn, {e["store_id"] for e in events if e.get("store_id")})
+        items = [self._item(e) for e in events]
+        for attempt in range(self.max_attempts):
+            try:
+                async with conn.transaction():  # a savepoint inside the consumer's transaction
+                    await self._apply(conn, items)
+                break
+            except (asyncpg.UniqueViolationError, _GraphMoved):
+                self.metrics.conflicts.inc()
+                log.info("identity graph changed under the batch; resolving again (%d)", attempt + 1)
+        else:
+            raise TransientError("identity graph kept changing under the batch")
+        for e in events:
+            self.clock.observe(e["occurred_at"])
+        if self.save_watermark is not None:
+            await self.save_watermark(conn)
+
+    def _item(self, event: dict[str, Any]) -> _Item:
+        country = self.countries.get(event.get("store_id") or "")
+        idents = self.normaliser.identifiers(event.get("customer"), country)
+        if not idents:
+            raise PermanentError("no_identifier",
+                                 f"{event['type']} event has no usable customer identifier")
+        return _Item(event, Incoming(event["event_id"], event["type"], event["occurred_at"],
+                                     tuple(idents), profile.delta_of(event)))
+
+    async def _learn_countries(self, conn: asyncpg.Connection, store_ids: set[str]) -> None:
+        unknown = sorted(s for s in store_ids if s not in self.countries)
+        if unknown:
+            self.countries.update(await store.store_countries(conn, unknown))
+
+    async def _apply(self, conn: asyncpg.Connection, items: list[_Item]) -> None:
+        fresh = await store.claim_events(conn, [i.incoming.event_id for i in items])
+        todo: list[_Item] = []
+        for item in items:
+            if item.incoming.event_id in fresh:
+                fresh.discard(item.incoming.event_id)  # first copy in the batch wins
+                todo.append(item)
+        self.metrics.duplicates.inc(len(items) - len(todo))
+        if not todo:
+            return
+        graph = Graph(guard=self.guard)
+        since = min(i.incoming.occurred_at for i in todo) - self.guard.window
+        idents = {ident for i in todo for ident in i.incoming.identifiers}
+        if await store.load_graph(conn, graph, idents, since):
+            raise _GraphMoved()
+        out: list[OutboxMessage] = []
+        merges = []
+        links: dict[Ident, tuple[str, dt.datetime]] = {}
+        outcomes: dict[str, int] = {}
+        for item in todo:
+            inc = item.incoming
+            try:
+                res = resolve(graph, inc)
+            except NoIdentifier as exc:
+                raise PermanentError("no_identifier", f"{inc.type} event: {exc}") from None
+            for ident in res.identifiers:
+                if ident in graph.homes and ident not in links:
+                    links[ident] = (inc.event_id, inc.occurred_at)
+            outcomes[res.outcome] = outcomes.get(res.outcome, 0) + 1
+            for _, reason in res.quarantined:
+                self.metrics.quarantined.labels(reason=reason).inc()
+            out.append(OutboxMessage(IDENTITY_EVENTS.name, res.customer_id, self.codec.encode(RESOLVED, {
+                "customer_id": res.customer_id,
+                "identifiers": [{"type": t, "value": v} for t, v in res.identifiers],
+                "event": for_encoding(item.event),
+            })))
+            for m in res.merges:
+                merges.append(m)
+                out.append(self._merge_message(m))
+            if res.erased:
+                self.metrics.erased.inc()
+        out.extend(self._profile_messages(graph))
+        await store.save_graph(conn, graph, merges, links)
+        await add_to_outbox(conn, out)
+        for outcome, n in outcomes.items():
+            self.metrics.resolutions.labels(outcome=outcome).inc(n)
+        if merges:
+            self.metrics.merges.labels(kind="merged").inc(len(merges))
+
+    def _merge_message(self, m) -> OutboxMessage:
+        return OutboxMessage(IDENTITY_MERGES.name, m.survivor, self.codec.encode(MERGE, {
+            "merge_id": m.merge_id, "kind": m.kind, "survivor": m.survivor, "merged": m.merged,
+            "reason": m.reason, "cause_event_id": m.cause_event_id, "occurred_at": m.occurred_at,
+        }))
+
+    def _profile_messages(self, graph: Graph) -> list[OutboxMessage]:
+        out = []
+        for c in sorted(graph.customers.values(), key=lambda c: c.customer_id):
+            if c.tombstone:
+                c.version += 1
+                c.changed = True
+                out.append(OutboxMessage(IDENTITY_PROFILES.name, c.customer_id, None))
+            elif c.profile_changed and c.merged_into is None:
+                c.version += 1
+                c.changed = True
+                out.append(OutboxMessage(IDENTITY_PROFILES.name, c.customer_id,
+                                         self.codec.encode(PROFILE, profile_record(c))))
+        return out
+
+
+async def handle_stores(handler: IdentityHandler, conn: asyncpg.Connection,
+                        records: list[Record]) -> None:
+    """Keep store countries (the default region for phone numbers captured in each store)."""
+    latest: dict[str, tuple[str, str, str | None]] = {}
+    for r in records:
+        e = r.value
+        if not isinstance(e, dict) or e.get("type") != "store_upsert":
+            continue
+        s = (e.get("properties") or {}).get("store") or {}
+        if s.get("store_id") and s.get("country"):
+            latest[s["store_id"]] = (s["store_id"], str(s["country"]).upper(), s.get("timezone"))
+    await store.upsert_stores(conn, sorted(latest.values()))
+    for store_id, country, _ in latest.values():
+        handler.countries[store_id] = country

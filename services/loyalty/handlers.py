@@ -1,0 +1,213 @@
+"""Batches from identity.events.v1 and identity.merges.v1 applied to the ledger, and expiry on the
+clock: parse -> load what the batch touches -> apply through the book -> write, one transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable, Sequence
+from functools import cache
+from typing import Any
+
+import asyncpg
+
+from services.loyalty import store
+from services.loyalty.book import Book, command_key
+from services.loyalty.ledger import (
+    TIER_CHANGED,
+    Command,
+    Enrol,
+    Erase,
+    MergeCommand,
+    Return,
+    Sale,
+    order_key,
+)
+from services.loyalty.rules import LoyaltyRules, UnknownCurrency, exponent
+from shared.avro import AvroCodec, SchemaRegistry
+from shared.batch_consumer import Record
+from shared.clock import Clock, FixedClock
+from shared.errors import PermanentError
+from shared.metrics import ServiceMetrics
+from shared.topics import LOYALTY_EVENTS
+
+ENROLLING_TYPES = frozenset({"signup"})
+
+
+def parse(value: dict[str, Any] | None, rules: LoyaltyRules) -> Command | None:
+    """The loyalty command a decoded record carries, None when it is nothing to loyalty.
+    Raises PermanentError for records that can never be applied (they go to the DLQ)."""
+    if value is None:
+        return None
+    if "merge_id" in value:
+        if value["kind"] not in ("merged", "unmerged"):
+            raise PermanentError("invalid_merge", f"unknown merge kind {value['kind']!r}")
+        return MergeCommand(value["merge_id"], value["kind"], value["survivor"], value["merged"],
+                            value.get("reason") or "", value.get("cause_event_id"), value["occurred_at"])
+    event = value["event"]
+    kind = event["type"]
+    if kind == "sale":
+        p = _properties(event)
+        currency = _currency(p["currency"], rules)
+        if p["total"] < 0 or (p.get("points_redeemed") or 0) < 0:
+            raise PermanentError("invalid_amount", "a sale's total and points_redeemed cannot be negative")
+        return Sale(event["event_id"], value["customer_id"], event["occurred_at"], p["order_id"],
+                    currency, p["total"], p.get("points_redeemed") or 0)
+    if kind == "return":
+        p = _properties(event)
+        currency = _currency(p["currency"], rules)
+        if p["total"] < 0:
+            raise PermanentError("invalid_amount", "a return's total cannot be negative")
+        return Return(event["event_id"], value["customer_id"], event["occurred_at"], p["order_id"],
+                      p["return_id"], currency, p["total"])
+    if kind == "erase_request":
+        return Erase(event["event_id"], value["customer_id"], event["occurred_at"])
+    if kind in ENROLLING_TYPES:
+        return Enrol(event["event_id"], value["customer_id"], event["occurred_at"])
+    return None
+
+
+def _properties(event: dict[str, Any]) -> dict[str, Any]:
+    props = event.get("properties")
+    if isinstance(props, tuple):  # decoded with union branch names
+        props = props[1]
+    if not isinstance(props, dict):
+        raise PermanentError("invalid_event", f"{event['type']} without properties")
+    return props
+
+
+def _currency(code: str, rules: LoyaltyRules) -> str:
+    code = code.upper()
+    try:
+        exponent(code)
+    except UnknownCurrency:
+        raise PermanentError("unknown_currency", f"{code!r} is not an ISO 4217 currency") from None
+    if code not in rules.rates:
+        raise PermanentError("unknown_currency", f"no exchange rate for {code} in rules.yaml")
+    return code
+
+
+class LoyaltyHandler:
+    """The batch handler of the loyalty consumer, and the expiry job of its leader timer."""
+
+    def __init__(self, rules: LoyaltyRules, codec: AvroCodec, clock: Clock, *,
+                 metrics: ServiceMetrics | None = None, topic: str = LOYALTY_EVENTS.name,
+                 save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> None:
+        self.rules = rules
+        self.codec = codec
+        self.clock = clock
+        self.topic = topic
+        self.save_watermark = save_watermark
+        self._entries = self._rejections = self._tiers = self._unmatched = None
+        if metrics is not None:
+            self._entries = metrics.counter("ledger_entries", "Ledger entries written, per kind.", ("kind",))
+            self._rejections = metrics.counter("redemptions_rejected", "Redemptions not honoured, per reason.", ("reason",))
+            self._tiers = metrics.counter("tier_changes", "Tier changes, per new tier.", ("tier",))
+            self._unmatched = metrics.counter("returns_unmatched", "Returns of orders loyalty never saw.")
+
+    async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
+        before = self.clock.now()
+        commands = [c for c in (parse(r.value, self.rules) for r in records) if c is not None]
+        for c in commands:
+            self.clock.observe(c.occurred_at)
+        if commands:
+            await self.apply(conn, commands, before)
+        if self.save_watermark is not None:
+            await self.save_watermark(conn)
+
+    async def apply(self, conn: asyncpg.Connection, commands: Sequence[Command],
+                    now: dt.datetime) -> None:
+        """Apply commands in order, each at most once ever; merges run on their own."""
+        fresh = await store.mark_processed(conn, [command_key(c) for c in commands])
+        segment: list[Command] = []
+        for c in commands:
+            key = command_key(c)
+            if key not in fresh:
+                continue
+            fresh.discard(key)  # a second copy in the same batch is a duplicate too
+            if isinstance(c, MergeCommand):
+                await self._segment(conn, segment, now)
+                segment = []
+                await self._merge(conn, c, now)
+            else:
+                segment.append(c)
+        await self._segment(conn, segment, now)
+
+    async def _segment(self, conn: asyncpg.Connection, commands: list[Command], now: dt.datetime) -> None:
+        if not commands:
+            return
+        keys = {order_key(c.order_id) for c in commands if isinstance(c, Sale | Return)}
+        orders = await store.load_orders(conn, keys)
+        ids = {c.customer_id for c in commands} | {o.owner for o in orders.values()}
+        book = Book(self.rules, orders=orders, aliases=await store.load_aliases(conn, ids))
+        since = max(now, min(c.occurred_at for c in commands)) - self.rules.window
+        book.accounts.update(await store.lock_accounts(
+            conn, {book.resolve(i) for i in ids}, orders, spend_since=since))
+        for c in commands:
+            book.apply(c, max(now, c.occurred_at))
+        await self._write(conn, book)
+
+    async def _merge(self, conn: asyncpg.Connection, m: MergeCommand, now: dt.datetime) -> None:
+        as_of = max(now, m.occurred_at)
+        if m.kind == "merged":
+            book = Book(self.rules, aliases=await store.load_aliases(conn, {m.survivor, m.merged}))
+            ids = {book.resolve(m.survivor), m.merged}
+            book.accounts.update(await store.lock_accounts(conn, ids, book.orders, spend_since=None))
+            book.apply(m, as_of)
+        else:
+            lots, order_keys = await store.load_moves(conn, m.merge_id)
+            orders = await store.load_orders(conn, order_keys)
+            owners = await store.lot_owners(conn, lots) | {o.owner for o in orders.values()}
+            book = Book(self.rules, orders=orders,
+                        aliases=await store.load_aliases(conn, owners | {m.survivor, m.merged}))
+            ids = owners | {m.merged, book.resolve(m.survivor)}
+            book.accounts.update(await store.lock_accounts(
+                conn, ids, orders, spend_since=as_of - self.rules.window))
+            book.apply(m, as_of, unmerge_items=(lots, order_keys))
+        await self._write(conn, book)
+
+    async def expire_due(self, conn: asyncpg.Connection, now: dt.datetime | None = None,
+                         limit: int = 500) -> int:
+        """Expire lots past their date and drop tiers whose spend left the window, as of `now`
+        (the clock's time by default); returns how many members were brought up to date."""
+        now = now or self.clock.now()
+        done = 0
+        while True:
+            async with conn.transaction():
+                ids = await store.due_customers(conn, now, limit)
+                if ids:
+                    orders: dict = {}
+                    accounts = await store.lock_accounts(
+                        conn, ids, orders, spend_since=now - self.rules.window, create=False)
+                    book = Book(self.rules, accounts=accounts, orders=orders)
+                    book.expire_due(now)
+                    await self._write(conn, book)
+            done += len(ids)
+            if len(ids) < limit:
+                return done
+
+    async def _write(self, conn: asyncpg.Connection, book: Book) -> None:
+        await store.write(conn, book, self.codec, self.topic)
+        if self._entries is not None:
+            for e in book.entries:
+                self._entries.labels(kind=e.kind).inc()
+            for r in book.rejections:
+                self._rejections.labels(reason=r.reason).inc()
+            for n in book.notices:
+                if n.kind == TIER_CHANGED:
+                    self._tiers.labels(tier=n.new_tier or "").inc()
+            if book.unmatched_returns:
+                self._unmatched.inc(book.unmatched_returns)
+
+
+@cache
+def _default_handler() -> LoyaltyHandler:
+    from shared.rules import load_rules
+
+    return LoyaltyHandler(LoyaltyRules.from_config(load_rules()), AvroCodec(SchemaRegistry.load()),
+                          FixedClock(dt.datetime(1970, 1, 1, tzinfo=dt.UTC)))
+
+
+async def expire_due(conn: asyncpg.Connection, now: dt.datetime, *,
+                     handler: LoyaltyHandler | None = None) -> int:
+    """Run expiry as of `now` on `conn` (what the leader timer does); tests call it directly."""
+    return await (handler or _default_handler()).expire_due(conn, now)

@@ -1,0 +1,217 @@
+"""Domain types of the loyalty ledger: accounts, point lots, orders, ledger entries, outgoing notices.
+
+Plain dataclasses, no I/O. Points are integers; money is integer minor units (spend in the base
+currency, order totals in the order's own currency).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+# Namespace of every id loyalty derives (ledger entries, loyalty events), so re-runs give the same ids.
+LOYALTY_NAMESPACE = uuid.UUID("6f1c1b0e-7a55-5d1e-9a43-0c0ffee10a17")
+
+
+class Kind(StrEnum):
+    """Ledger entry kinds (CONTRACTS §3)."""
+
+    EARN = "earn"
+    REDEEM = "redeem"
+    REVERSE = "reverse"
+    EXPIRE = "expire"
+    MERGE_IN = "merge_in"
+    ADJUST = "adjust"
+
+
+# Loyalty event kind announced for each ledger kind (merges and adjustments announce nothing).
+NOTICE_OF_KIND: dict[str, str] = {
+    Kind.EARN: "points_earned",
+    Kind.REDEEM: "points_redeemed",
+    Kind.REVERSE: "points_reversed",
+    Kind.EXPIRE: "points_expired",
+}
+TIER_CHANGED = "tier_changed"
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic id (uuid5) from the parts that identify a derived fact."""
+    return str(uuid.uuid5(LOYALTY_NAMESPACE, "|".join(parts)))
+
+
+def entry_id(event_id: str, kind: str) -> str:
+    """Ledger entries are unique per (event_id, kind); their id is derived from exactly that."""
+    return derived_id("entry", event_id, kind)
+
+
+@dataclass(slots=True)
+class Lot:
+    """Points earned by one order: expire together, consumed oldest first."""
+
+    lot_id: str
+    owner: str
+    order_id: str | None
+    points: int
+    remaining: int
+    earned_at: dt.datetime
+    expires_at: dt.datetime
+
+    def sort_key(self) -> tuple[dt.datetime, str]:
+        return (self.expires_at, self.lot_id)
+
+
+@dataclass(slots=True)
+class Order:
+    """A sale as loyalty remembers it: what it earned and its net spend, reduced by returns."""
+
+    order_key: str
+    order_id: str | None
+    owner: str
+    sale_event_id: str
+    sale_at: dt.datetime
+    currency: str
+    total: int            # minor units of `currency`, as paid
+    refunded: int         # minor units of `currency`, cumulative over returns
+    gross_spend: int      # base-currency minor units the sale added
+    spend: int            # net base-currency minor units still counted (gross minus returns)
+    earned: int           # points the sale earned
+    reversed: int         # points reversed by returns so far
+
+
+@dataclass(slots=True)
+class Account:
+    """A member's derived state: balance, tier, open lots and the orders that count for the tier."""
+
+    customer_id: str
+    balance: int = 0
+    tier: str = "member"
+    lots: list[Lot] = field(default_factory=list)        # open lots (remaining > 0), FIFO order
+    orders: dict[str, Order] = field(default_factory=dict)
+    review_at: dt.datetime | None = None                 # next time spend leaves the window
+    merged_into: str | None = None
+    erased: bool = False
+    trailing_spend: int = 0
+    evaluated_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One append-only ledger line; `points` is signed (earn and merge-in positive)."""
+
+    entry_id: str
+    customer_id: str
+    kind: str
+    points: int
+    balance_after: int
+    event_id: str
+    occurred_at: dt.datetime
+    order_id: str | None = None
+    expires_at: dt.datetime | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A loyalty.events.v1 record to publish (omnicrm.loyalty.LoyaltyEvent)."""
+
+    event_id: str
+    kind: str
+    customer_id: str
+    occurred_at: dt.datetime
+    points: int = 0
+    balance: int = 0
+    order_id: str | None = None
+    cause_event_id: str | None = None
+    old_tier: str | None = None
+    new_tier: str | None = None
+    trailing_spend: int = 0
+    currency: str = "USD"
+    expires_at: dt.datetime | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id, "kind": self.kind, "customer_id": self.customer_id,
+            "occurred_at": self.occurred_at, "points": self.points, "balance": self.balance,
+            "order_id": self.order_id, "cause_event_id": self.cause_event_id,
+            "old_tier": self.old_tier, "new_tier": self.new_tier,
+            "trailing_spend": self.trailing_spend, "currency": self.currency,
+            "expires_at": self.expires_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A redemption that was not honoured, recorded with its reason (never silently clamped)."""
+
+    event_id: str
+    customer_id: str
+    order_id: str | None
+    requested: int
+    balance: int
+    reason: str
+    occurred_at: dt.datetime
+
+
+# -- commands: what the input topics ask for -------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Sale:
+    event_id: str
+    customer_id: str
+    occurred_at: dt.datetime
+    order_id: str
+    currency: str
+    total: int
+    points_redeemed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    event_id: str
+    customer_id: str
+    occurred_at: dt.datetime
+    order_id: str
+    return_id: str
+    currency: str
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Enrol:
+    """A signup (or any first contact): the member exists with an empty account."""
+
+    event_id: str
+    customer_id: str
+    occurred_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Erase:
+    event_id: str
+    customer_id: str
+    occurred_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MergeCommand:
+    merge_id: str
+    kind: str  # merged | unmerged
+    survivor: str
+    merged: str
+    reason: str
+    cause_event_id: str | None
+    occurred_at: dt.datetime
+
+
+Command = Sale | Return | Enrol | Erase | MergeCommand
+
+
+def order_key(order_id: str) -> str:
+    """Orders are found by a digest of their id, so an erased member's order refs can be dropped
+    while a later return still finds what the order earned."""
+    import hashlib
+
+    return hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()

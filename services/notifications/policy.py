@@ -1,0 +1,370 @@
+"""The notification decision, as pure functions: which channel, or why not; now, or at 09:00 local.
+
+No I/O here: a trigger, what is known of the customer and their recent notifications go in, a
+Decision comes out. The same inputs always give the same decision (CONTRACTS §5 Notifications).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from services.notifications.contacts import CHANNELS, Contact
+
+UTC = dt.UTC
+NOTIFICATION_NS = uuid.UUID("5b0f6f7e-8d0c-4c1e-9e55-6f1c1f1e0a04")
+
+# Statuses of a notification (CONTRACTS §3).
+PENDING, DEFERRED, SENT, DELIVERED, FAILED, SUPPRESSED = (
+    "pending", "deferred", "sent", "delivered", "failed", "suppressed")
+# A notification that reached, or may still reach, the customer: it counts for caps and duplicates.
+ACTIVE = frozenset({PENDING, DEFERRED, SENT, DELIVERED})
+
+# Suppression reasons.
+NO_CONSENT, NO_CONTACT, FREQUENCY_CAP, ERASED, DUPLICATE, UNKNOWN_KIND = (
+    "no_consent", "no_contact", "frequency_cap", "erased", "duplicate", "unknown_kind")
+QUIET_HOURS = "quiet_hours"
+
+# When two promotional triggers compete for one day's slot in the same batch, the first here
+# wins: time-critical, personal offers before generic ones. Overridable by rules `priority`.
+DEFAULT_PRIORITY = (
+    "welcome", "tier_upgrade", "points_expiring",
+    "birthday_coupon", "abandoned_cart", "geo_thank_you", "store_event_invite",
+    "replenishment", "win_back", "campaign",
+)
+
+
+def notification_id(trigger_id: str, channel: str | None) -> str:
+    """uuid5 of trigger_id and channel: re-deciding a trigger never makes a second notification."""
+    return str(uuid.uuid5(NOTIFICATION_NS, f"{trigger_id}:{channel or '-'}"))
+
+
+def outcome_id(notification: str, status: str, attempt: int, reason: str | None) -> str:
+    """Deterministic id of one status change, so a republished outcome is recognisably the same."""
+    return str(uuid.uuid5(NOTIFICATION_NS, f"{notification}:{status}:{attempt}:{reason or ''}"))
+
+
+def _hhmm(value: str) -> dt.time:
+    hours, _, minutes = str(value).partition(":")
+    return dt.time(int(hours), int(minutes or 0))
+
+
+@dataclass(frozen=True)
+class NotificationRules:
+    """The `notifications` section of rules.yaml, typed."""
+
+    channel_order: tuple[str, ...] = ("whatsapp", "sms", "email")
+    quiet_start: dt.time = dt.time(21, 0)
+    quiet_end: dt.time = dt.time(9, 0)
+    default_timezone: str = "UTC"
+    per_day: int = 1
+    per_7_days: int = 3
+    promotional_kinds: frozenset[str] = frozenset({
+        "birthday_coupon", "geo_thank_you", "win_back", "abandoned_cart", "replenishment",
+        "store_event_invite", "campaign"})
+    service_kinds: frozenset[str] = frozenset({"welcome", "tier_upgrade", "points_expiring"})
+    priority: tuple[str, ...] = DEFAULT_PRIORITY
+    max_attempts: int = 4
+    base_delay_seconds: float = 2.0
+    max_delay_seconds: float = 300.0
+    provider_concurrency: Mapping[str, int] = field(
+        default_factory=lambda: {"email": 8, "sms": 8, "whatsapp": 8})
+    locales: tuple[str, ...] = ("en", "zh-Hans", "zh-Hant")
+
+    @classmethod
+    def from_rules(cls, rules: Mapping[str, Any]) -> NotificationRules:
+        """From the whole rules dict (its `notifications` section)."""
+        n = rules.get("notifications") or {}
+        quiet = n.get("quiet_hours") or {}
+        caps = n.get("frequency_caps") or {}
+        retry = n.get("retry") or {}
+        d = cls()
+        return cls(
+            channel_order=tuple(n.get("channel_order") or d.channel_order),
+            quiet_start=_hhmm(quiet.get("start", "21:00")),
+            quiet_end=_hhmm(quiet.get("end", "09:00")),
+            default_timezone=str(n.get("default_timezone") or d.default_timezone),
+            per_day=int(caps.get("per_day", d.per_day)),
+            per_7_days=int(caps.get("per_7_days", d.per_7_days)),
+            promotional_kinds=frozenset(n.get("promotional_kinds") or d.promotional_kinds),
+            service_kinds=frozenset(n.get("service_kinds") or d.service_kinds),
+            priority=tuple(n.get("priority") or d.priority),
+            max_attempts=int(retry.get("max_attempts", d.max_attempts)),
+            base_delay_seconds=float(retry.get("base_delay_seconds", d.base_delay_seconds)),
+            max_delay_seconds=float(retry.get("max_delay_seconds", d.max_delay_seconds)),
+            provider_concurrency=dict(n.get("provider_concurrency") or d.provider_concurrency),
+            locales=tuple(n.get("locales") or d.locales),
+        )
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return self.promotional_kinds | self.service_kinds
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The coupon a trigger carries; money in minor units."""
+
+    code: str
+    description: str
+    amount: int
+    min_spend: int
+    currency: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A decoded `triggers.fired.v1` record."""
+
+    trigger_id: str
+    kind: str
+    customer_id: str
+    fired_at: dt.datetime
+    period: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    offer: Offer | None = None
+    occurred_at: dt.datetime | None = None
+
+    @classmethod
+    def from_record(cls, value: Mapping[str, Any]) -> Trigger:
+        offer = value.get("offer")
+        return cls(
+            trigger_id=value["trigger_id"], kind=value["kind"], customer_id=value["customer_id"],
+            fired_at=value["fired_at"], period=value.get("period") or "",
+            context=dict(value.get("context") or {}),
+            offer=Offer(code=offer["code"], description=offer["description"],
+                        amount=int(offer["amount"]), min_spend=int(offer.get("min_spend") or 0),
+                        currency=offer["currency"], expires_at=offer["expires_at"])
+            if offer else None,
+            occurred_at=value.get("occurred_at"),
+        )
+
+
+@dataclass(frozen=True)
+class PriorNotice:
+    """A notification already decided for this customer (or one merged into them)."""
+
+    trigger_id: str
+    kind: str
+    period: str
+    promotional: bool
+    cap_date: dt.date | None
+    status: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one trigger."""
+
+    trigger: Trigger
+    status: str  # pending, deferred or suppressed
+    reason: str | None
+    channel: str | None
+    fallbacks: tuple[str, ...]
+    scheduled_for: dt.datetime | None
+    cap_date: dt.date | None
+    timezone: str
+    promotional: bool
+
+    @property
+    def notification_id(self) -> str:
+        return notification_id(self.trigger.trigger_id, self.channel)
+
+
+@lru_cache(maxsize=512)
+def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
+    """The IANA zone, or the default one when unknown or missing."""
+    for candidate in (name, default, "UTC"):
+        if candidate:
+            try:
+                return ZoneInfo(candidate)
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return ZoneInfo("UTC")
+
+
+def customer_timezone(contact: Contact | None, store_timezones: Mapping[str, str],
+                      rules: NotificationRules) -> str:
+    """The customer's zone, else their home store's, else the default."""
+    for name in (contact.timezone if contact else None,
+                 store_timezones.get(contact.home_store_id or "") if contact else None):
+        if name and zone(name).key == name:
+            return name
+    return rules.default_timezone
+
+
+def in_quiet_hours(local: dt.time, start: dt.time, end: dt.time) -> bool:
+    if start == end:
+        return False
+    if start > end:  # wraps midnight, e.g. 21:00-09:00
+        return local >= start or local < end
+    return start <= local < end
+
+
+def quiet_hours_end(at: dt.datetime, tz: ZoneInfo, rules: NotificationRules) -> dt.datetime | None:
+    """When quiet hours end if `at` falls in them (UTC), else None; DST-correct via zoneinfo."""
+    local = at.astimezone(tz)
+    if not in_quiet_hours(local.time().replace(tzinfo=None), rules.quiet_start, rules.quiet_end):
+        return None
+    day = local.date()
+    if rules.quiet_start > rules.quiet_end and local.time() >= rules.quiet_start:
+        day += dt.timedelta(days=1)
+    wake = dt.datetime.combine(day, rules.quiet_end, tzinfo=tz)
+    return wake.astimezone(UTC)
+
+
+def cap_blocks(day: dt.date, counted: Iterable[dt.date], rules: NotificationRules) -> bool:
+    """True if one more promotional message on local `day` would break a frequency cap.
+
+    Per-day: at most `per_day` on one local date. Per-7-days: every 7 consecutive local dates
+    containing `day` hold at most `per_7_days` (so day d and d+7 never share a window).
+    """
+    dates = [d for d in counted if d is not None and abs((d - day).days) <= 6]
+    if sum(1 for d in dates if d == day) + 1 > rules.per_day:
+        return True
+    for offset in range(7):
+        start = day - dt.timedelta(days=6 - offset)
+        end = start + dt.timedelta(days=6)
+        if sum(1 for d in dates if start <= d <= end) + 1 > rules.per_7_days:
+            return True
+    return False
+
+
+def choose_channels(contact: Contact, rules: NotificationRules) -> tuple[tuple[str, ...], str | None]:
+    """Consented channels with an address, best first; or the suppression reason."""
+    order = list(rules.channel_order) + [c for c in CHANNELS if c not in rules.channel_order]
+    if contact.preferred_channel in order:
+        order.remove(contact.preferred_channel)
+        order.insert(0, contact.preferred_channel)
+    consented = [c for c in order if contact.consented(c)]
+    if not consented:
+        return (), NO_CONSENT
+    usable = tuple(c for c in consented if contact.address(c))
+    if not usable:
+        return (), NO_CONTACT
+    return usable, None
+
+
+def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
+           history: Iterable[PriorNotice], now: dt.datetime, rules: NotificationRules,
+           store_timezones: Mapping[str, str] | None = None) -> Decision:
+    """The decision for one trigger given the customer and their notifications so far."""
+    store_timezones = store_timezones or {}
+    promotional = trigger.kind not in rules.service_kinds
+    tz_name = customer_timezone(contact, store_timezones, rules)
+    history = list(history)
+
+    def suppressed(reason: str) -> Decision:
+        return Decision(trigger, SUPPRESSED, reason, None, (), None, None, tz_name, promotional)
+
+    if trigger.kind not in rules.kinds:
+        return suppressed(UNKNOWN_KIND)
+    if erased and contact is None:
+        return suppressed(ERASED)
+    if trigger.period and any(
+            p.kind == trigger.kind and p.period == trigger.period and p.status in ACTIVE
+            and p.trigger_id != trigger.trigger_id for p in history):
+        return suppressed(DUPLICATE)
+    if contact is None:
+        return suppressed(NO_CONTACT)
+    channels, reason = choose_channels(contact, rules)
+    if reason is not None:
+        return suppressed(reason)
+    tz = zone(tz_name, rules.default_timezone)
+    send_at = max(now, trigger.fired_at)
+    wake = quiet_hours_end(send_at, tz, rules)
+    scheduled = wake or send_at
+    cap_date = scheduled.astimezone(tz).date()
+    if promotional:
+        counted = [p.cap_date for p in history if p.promotional and p.status in ACTIVE
+                   and p.cap_date is not None]
+        if cap_blocks(cap_date, counted, rules):
+            return suppressed(FREQUENCY_CAP)
+    return Decision(trigger, DEFERRED if wake else PENDING, QUIET_HOURS if wake else None,
+                    channels[0], channels[1:], scheduled, cap_date, tz_name, promotional)
+
+
+def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
+               erased: set[str], history: Mapping[str, list[PriorNotice]], seen: set[str],
+               now: dt.datetime, rules: NotificationRules,
+               store_timezones: Mapping[str, str] | None = None) -> list[Decision]:
+    """Decide a batch: triggers already seen are dropped; per customer, higher priority first.
+
+    Each decision joins the customer's history before the next one is decided, so two offers
+    competing for one day's slot go to the higher-priority kind, whatever their batch order.
+    """
+    rank = {kind: i for i, kind in enumerate(rules.priority)}
+    fresh: dict[str, Trigger] = {}
+    for t in triggers:
+        if t.trigger_id not in seen and t.trigger_id not in fresh:
+            fresh[t.trigger_id] = t
+    ordered = sorted(fresh.values(), key=lambda t: (t.customer_id, rank.get(t.kind, len(rank)),
+                                                    t.fired_at, t.trigger_id))
+    running = {cid: list(items) for cid, items in history.items()}
+    decisions: list[Decision] = []
+    for t in ordered:
+        prior = running.setdefault(t.customer_id, [])
+        d = decide(t, contacts.get(t.customer_id), erased=t.customer_id in erased, history=prior,
+                   now=now, rules=rules, store_timezones=store_timezones)
+        decisions.append(d)
+        prior.append(PriorNotice(t.trigger_id, t.kind, t.period, d.promotional, d.cap_date,
+                                 d.status))
+    return decisions
+
+
+# -- at send time --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SendCheck:
+    """What the dispatcher does with a due notification right now."""
+
+    action: str  # send, defer, suppress
+    reason: str | None = None
+    until: dt.datetime | None = None
+    address: str | None = None
+
+
+def check_before_send(channel: str, contact: Contact | None, *, erased: bool, now: dt.datetime,
+                      tz_name: str | None, rules: NotificationRules) -> SendCheck:
+    """Re-check consent, contact and quiet hours when a notification falls due.
+
+    An opt-out or an erasure after the decision still stops the message, and a send delayed
+    into the night (backlog, retries) waits for morning instead of waking someone up.
+    """
+    if contact is None:
+        return SendCheck("suppress", ERASED if erased else NO_CONTACT)
+    if not contact.consented(channel):
+        return SendCheck("suppress", NO_CONSENT)
+    address = contact.address(channel)
+    if not address:
+        return SendCheck("suppress", NO_CONTACT)
+    wake = quiet_hours_end(now, zone(tz_name, rules.default_timezone), rules)
+    if wake is not None:
+        return SendCheck("defer", QUIET_HOURS, until=wake)
+    return SendCheck("send", address=address)
+
+
+def next_fallback(fallbacks: Iterable[str], contact: Contact | None) -> tuple[str | None, tuple[str, ...]]:
+    """The next channel still consented and reachable, and the ones left after it."""
+    remaining = list(fallbacks)
+    while remaining:
+        channel = remaining.pop(0)
+        if contact is not None and contact.consented(channel) and contact.address(channel):
+            return channel, tuple(remaining)
+    return None, ()
+
+
+def retry_delay(attempt: int, rules: NotificationRules, jitter: float) -> float:
+    """Exponential back-off with jitter (`jitter` in [0, 1)): base * 2^(attempt-1), capped."""
+    raw = min(rules.max_delay_seconds, rules.base_delay_seconds * (2 ** max(0, attempt - 1)))
+    return raw * (0.5 + 0.5 * jitter)
+
+
+def with_status(decision: Decision, status: str, reason: str | None) -> Decision:
+    return replace(decision, status=status, reason=reason)

@@ -1,0 +1,264 @@
+"""The dispatcher: sends due notifications outside any database transaction.
+
+Loop: claim due rows (SKIP LOCKED, committed) -> re-check consent, contact and quiet hours ->
+send through the channel's provider under its concurrency limit -> record the result and its
+outcome in one short transaction. A retryable failure goes back to the queue with exponential
+back-off and jitter; a permanent one, or the last attempt, fails this channel and queues the
+next consented channel, if any. Deferred rows are claimed when their time comes.
+
+Crash safety: a claim belongs to a worker id whose PostgreSQL session advisory lock this
+dispatcher holds on a dedicated connection. If the process dies, the lock goes with its
+connection and the next dispatcher re-claims those rows at once, so nothing is lost and only
+sends in flight at the crash can be repeated (providers get the same notification id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import secrets
+import time
+from collections.abc import Mapping
+
+import asyncpg
+
+from services.notifications import store
+from services.notifications.contacts import Contact
+from services.notifications.metrics import NotificationMetrics
+from services.notifications.outcomes import outcome_message
+from services.notifications.policy import (
+    DEFERRED,
+    FAILED,
+    PENDING,
+    SENT,
+    SUPPRESSED,
+    NotificationRules,
+    check_before_send,
+    next_fallback,
+    notification_id,
+    retry_delay,
+)
+from services.notifications.providers import OutgoingMessage, Provider, ProviderError
+from shared.avro import AvroCodec
+from shared.clock import Clock
+from shared.db import TRANSIENT_DB_ERRORS
+from shared.outbox import add_to_outbox
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Sends what is due, per-provider concurrency bounded, until stopped."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str | None, *, providers: Mapping[str, Provider],
+                 codec: AvroCodec, clock: Clock, rules: NotificationRules,
+                 metrics: NotificationMetrics, lease_seconds: float = 120.0,
+                 idle_poll: float = 0.25, rng: random.Random | None = None) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.providers = dict(providers)
+        self.codec = codec
+        self.clock = clock
+        self.rules = rules
+        self.metrics = metrics
+        self.lease_seconds = lease_seconds
+        self.idle_poll = idle_poll
+        self.rng = rng or random.Random()
+        self.limits = {ch: max(1, int(rules.provider_concurrency.get(ch, 8))) for ch in self.providers}
+        self.semaphores = {ch: asyncio.Semaphore(n) for ch, n in self.limits.items()}
+        self.worker = secrets.randbits(62) or 1
+        self._lock_conn: asyncpg.Connection | None = None
+        self._in_flight: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self.sent = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Take this worker's liveness lock on a connection of its own."""
+        if self.dsn is None:
+            self._lock_conn = await self.pool.acquire()
+        else:
+            self._lock_conn = await asyncpg.connect(self.dsn)
+        await self._lock_conn.execute("SELECT pg_advisory_lock($1)", self.worker)
+
+    async def stop(self) -> None:
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                if self.dsn is None:
+                    await self._lock_conn.execute("SELECT pg_advisory_unlock($1)", self.worker)
+                    await self.pool.release(self._lock_conn)
+                else:
+                    await self._lock_conn.close()
+            self._lock_conn = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Dispatch until cancelled."""
+        if self._lock_conn is None:
+            await self.start()
+        try:
+            while True:
+                try:
+                    claimed = await self.dispatch_once()
+                except TRANSIENT_DB_ERRORS as exc:
+                    log.warning("dispatcher retrying after %s", type(exc).__name__)
+                    claimed = 0
+                if claimed == 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.idle_poll)
+        finally:
+            await self.stop()
+
+    async def dispatch_once(self) -> int:
+        """Claim what is due and free capacity allows, and start sending it; returns how many."""
+        capacity = sum(self.limits.values()) - len(self._in_flight)
+        rows, contacts, erased = await store.claim_due(
+            self.pool, now=self.clock.now(), limit=capacity, worker=self.worker,
+            lease_seconds=self.lease_seconds)
+        for row in rows:
+            task = asyncio.create_task(self._handle(row, contacts.get(row["customer_id"]),
+                                                    row["customer_id"] in erased))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+        return len(rows)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("send task failed: %s", type(task.exception()).__name__)
+
+    async def drain(self) -> None:
+        """Wait for every send started so far (tests and benchmarks)."""
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+
+    # -- one notification -----------------------------------------------------------------
+    async def _handle(self, row: asyncpg.Record, contact: Contact | None, erased: bool) -> None:
+        nid = str(row["notification_id"])
+        channel = row["channel"]
+        now = self.clock.now()
+        check = check_before_send(channel, contact, erased=erased, now=now,
+                                  tz_name=row["timezone"], rules=self.rules)
+        if check.action == "suppress":
+            await self._record_final(row, SUPPRESSED, check.reason)
+            return
+        if check.action == "defer":
+            async with self._tx() as conn:
+                updated = await store.reschedule(conn, nid, status=DEFERRED, due_at=check.until,
+                                                 reason=check.reason, undo_attempt=True)
+                if updated is not None:
+                    await add_to_outbox(conn, [outcome_message(
+                        self.codec, updated, status=DEFERRED, reason=check.reason, occurred_at=now)])
+            self.metrics.status(channel, DEFERRED, check.reason)
+            return
+        provider = self.providers[channel]
+        message = OutgoingMessage(
+            notification_id=nid, channel=channel, kind=row["kind"], locale=row["locale"] or "en",
+            to=check.address or "", subject=row["subject"] or "", body=row["body"] or "",
+            params=dict(row["params"] or {}))
+        self.metrics.in_flight.labels(channel=channel).inc()
+        started = time.perf_counter()
+        try:
+            async with self.semaphores[channel]:
+                result = await provider.send(message)
+        except ProviderError as exc:
+            self.metrics.provider_seconds.labels(provider=provider.name, outcome="error").observe(
+                time.perf_counter() - started)
+            self.metrics.provider_errors.labels(provider=provider.name,
+                                                retryable=str(exc.retryable).lower()).inc()
+            await self._failed_attempt(row, contact, exc)
+            return
+        finally:
+            self.metrics.in_flight.labels(channel=channel).dec()
+        self.metrics.provider_seconds.labels(provider=provider.name, outcome="ok").observe(
+            time.perf_counter() - started)
+        sent_at = self.clock.now()
+        async with self._tx() as conn:
+            updated = await store.mark_sent(conn, nid, provider=result.provider,
+                                            provider_message_id=result.provider_message_id,
+                                            sent_at=sent_at)
+            if updated is not None:
+                await add_to_outbox(conn, [outcome_message(
+                    self.codec, updated, status=SENT, reason=None, occurred_at=sent_at)])
+        self.sent += 1
+        self.metrics.status(channel, SENT, None)
+
+    async def _failed_attempt(self, row: asyncpg.Record, contact: Contact | None,
+                              exc: ProviderError) -> None:
+        nid = str(row["notification_id"])
+        attempt = int(row["attempt"])
+        now = self.clock.now()
+        log.warning("send failed", extra={"notification_id": nid, "channel": row["channel"],
+                                          "provider": exc.provider, "reason": exc.reason,
+                                          "attempt": attempt, "retryable": exc.retryable})
+        if exc.retryable and attempt < self.rules.max_attempts:
+            delay = retry_delay(attempt, self.rules, self.rng.random())
+            reason = f"retry {exc.reason}"
+            async with self._tx() as conn:
+                updated = await store.retry_later(conn, nid, delay_seconds=delay, reason=reason)
+                if updated is not None:
+                    await add_to_outbox(conn, [outcome_message(
+                        self.codec, updated, status=PENDING, reason=reason, occurred_at=now)])
+            self.metrics.status(row["channel"], PENDING, "retry")
+            return
+        await self.fail_and_fail_over(row, exc.reason, contact, from_statuses=(PENDING, DEFERRED))
+
+    async def fail_and_fail_over(self, row: asyncpg.Record, reason: str, contact: Contact | None,
+                                 *, from_statuses: tuple[str, ...],
+                                 conn: asyncpg.Connection | None = None) -> None:
+        """This channel failed: record it, then queue the next consented channel, if any."""
+        if conn is None:
+            async with self._tx() as own:
+                await fail_over(own, self.codec, row, reason, contact, now=self.clock.now(),
+                                from_statuses=from_statuses, metrics=self.metrics)
+        else:
+            await fail_over(conn, self.codec, row, reason, contact, now=self.clock.now(),
+                            from_statuses=from_statuses, metrics=self.metrics)
+        self.wake()
+
+    async def _record_final(self, row: asyncpg.Record, status: str, reason: str | None) -> None:
+        now = self.clock.now()
+        async with self._tx() as conn:
+            updated = await store.finish(conn, str(row["notification_id"]), status=status, reason=reason)
+            if updated is not None:
+                await add_to_outbox(conn, [outcome_message(
+                    self.codec, updated, status=status, reason=reason, occurred_at=now)])
+        self.metrics.status(row["channel"], status, reason)
+
+    @contextlib.asynccontextmanager
+    async def _tx(self):
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+
+
+async def fail_over(conn: asyncpg.Connection, codec: AvroCodec, row: asyncpg.Record, reason: str,
+                    contact: Contact | None, *, now: dt.datetime, from_statuses: tuple[str, ...],
+                    metrics: NotificationMetrics | None = None) -> None:
+    """Mark `row` failed and queue the same message on the next consented channel (same tx)."""
+    failed = await store.finish(conn, str(row["notification_id"]), status=FAILED, reason=reason,
+                                from_statuses=from_statuses)
+    if failed is None:
+        return
+    messages = [outcome_message(codec, failed, status=FAILED, reason=reason, occurred_at=now)]
+    if metrics is not None:
+        metrics.status(row["channel"], FAILED, reason)
+    channel, remaining = next_fallback(row["fallbacks"] or (), contact)
+    if channel is not None:
+        nid = notification_id(row["trigger_id"], channel)
+        new = await store.insert_failover(conn, failed, nid=nid, channel=channel,
+                                          fallbacks=remaining, due_at=now)
+        if new is not None:
+            messages.append(outcome_message(codec, new, status=PENDING, reason="failover",
+                                            occurred_at=now))
+            if metrics is not None:
+                metrics.status(channel, PENDING, "failover")
+    await add_to_outbox(conn, messages)

@@ -1,0 +1,341 @@
+"""The notifications schema's SQL: contacts read model, decisions, the send queue and its claims.
+
+Consumer-side writes are set-based (one statement per kind of change per batch). The
+dispatcher claims due rows with FOR UPDATE SKIP LOCKED, then sends outside any transaction;
+a claim is held by a worker whose session advisory lock is alive, or until its lease ends,
+so a killed dispatcher's in-flight sends are picked up again at once by the next one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from services.notifications.contacts import Contact, contact_from_row
+from services.notifications.policy import ACTIVE, Decision, PriorNotice
+
+# -- read model --------------------------------------------------------------------------------
+
+_UPSERT_CONTACTS = """
+INSERT INTO contacts (customer_id, emails, phones, whatsapp_ids, first_name, locale, timezone,
+                      home_store_id, preferred_channel, consents, version, updated_at)
+SELECT u.cid, u.emails::text[], u.phones::text[], u.was::text[], u.fname, u.loc, u.tz, u.store,
+       u.pref, u.consents::jsonb, u.ver, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::text[], $11::bigint[])
+     AS u(cid, emails, phones, was, fname, loc, tz, store, pref, consents, ver)
+ON CONFLICT (customer_id) DO UPDATE SET
+    emails = EXCLUDED.emails, phones = EXCLUDED.phones, whatsapp_ids = EXCLUDED.whatsapp_ids,
+    first_name = EXCLUDED.first_name, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone,
+    home_store_id = EXCLUDED.home_store_id, preferred_channel = EXCLUDED.preferred_channel,
+    consents = EXCLUDED.consents, version = EXCLUDED.version, updated_at = now()
+WHERE contacts.version <= EXCLUDED.version
+"""
+
+
+def _pg_array(values: Iterable[str]) -> str:
+    """A text[] literal; values are quoted so commas and quotes survive."""
+    items = ['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values]
+    return "{" + ",".join(items) + "}"
+
+
+async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact]) -> None:
+    if not contacts:
+        return
+    await conn.execute(
+        _UPSERT_CONTACTS,
+        [c.customer_id for c in contacts],
+        [_pg_array(c.emails) for c in contacts],
+        [_pg_array(c.phones) for c in contacts],
+        [_pg_array(c.whatsapp_ids) for c in contacts],
+        [c.first_name for c in contacts],
+        [c.locale for c in contacts],
+        [c.timezone for c in contacts],
+        [c.home_store_id for c in contacts],
+        [c.preferred_channel for c in contacts],
+        [orjson.dumps(dict(c.consents)).decode() for c in contacts],
+        [c.version for c in contacts],
+    )
+    await conn.execute("DELETE FROM forgotten WHERE customer_id = ANY($1::text[])",
+                       [c.customer_id for c in contacts])
+
+
+_FORGET_PENDING = """
+UPDATE notifications SET status = 'suppressed', reason = 'erased', due_at = NULL,
+       claimed_by = NULL, updated_at = now()
+WHERE customer_id = ANY($1::text[]) AND status IN ('pending', 'deferred')
+RETURNING *
+"""
+
+
+async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str]) -> list[asyncpg.Record]:
+    """Tombstone: drop contact points, remember the erasure, stop unsent messages, blank bodies.
+
+    Returns the notifications that were still waiting (now suppressed `erased`).
+    """
+    if not customer_ids:
+        return []
+    ids = list(customer_ids)
+    await conn.execute("DELETE FROM contacts WHERE customer_id = ANY($1::text[])", ids)
+    await conn.execute(
+        "INSERT INTO forgotten (customer_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", ids)
+    stopped = await conn.fetch(_FORGET_PENDING, ids)
+    # Rendered bodies may hold a first name: personal data goes with the profile.
+    await conn.execute(
+        "UPDATE notifications SET body = NULL, subject = NULL, params = '{}'::jsonb "
+        "WHERE customer_id = ANY($1::text[]) AND body IS NOT NULL", ids)
+    return stopped
+
+
+async def upsert_stores(conn: asyncpg.Connection, stores: Sequence[tuple[str, str]]) -> None:
+    if not stores:
+        return
+    await conn.execute(
+        "INSERT INTO stores (store_id, timezone) SELECT * FROM unnest($1::text[], $2::text[]) "
+        "ON CONFLICT (store_id) DO UPDATE SET timezone = EXCLUDED.timezone",
+        [s for s, _ in stores], [tz for _, tz in stores])
+
+
+async def apply_merges(conn: asyncpg.Connection, merged: Sequence[tuple[str, str]],
+                       unmerged: Sequence[str]) -> None:
+    """merged: (merged, survivor) pairs; anything already aliased to `merged` follows it."""
+    if merged:
+        await conn.execute(
+            "UPDATE aliases a SET survivor = u.s FROM unnest($1::text[], $2::text[]) AS u(m, s) "
+            "WHERE a.survivor = u.m", [m for m, _ in merged], [s for _, s in merged])
+        await conn.execute(
+            "INSERT INTO aliases (merged, survivor) SELECT * FROM unnest($1::text[], $2::text[]) "
+            "ON CONFLICT (merged) DO UPDATE SET survivor = EXCLUDED.survivor",
+            [m for m, _ in merged], [s for _, s in merged])
+    if unmerged:
+        await conn.execute("DELETE FROM aliases WHERE merged = ANY($1::text[])", list(unmerged))
+
+
+# -- decision inputs ---------------------------------------------------------------------------
+
+_HISTORY = """
+WITH req AS (SELECT DISTINCT unnest($1::text[]) AS cid),
+members AS (
+    SELECT cid, cid AS member FROM req
+    UNION SELECT r.cid, a.merged FROM req r JOIN aliases a ON a.survivor = r.cid
+)
+SELECT m.cid, n.trigger_id, n.kind, n.period, n.promotional, n.cap_date, n.status
+FROM members m JOIN notifications n ON n.customer_id = m.member
+WHERE n.status = ANY($2::text[])
+"""
+
+
+async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
+                          trigger_ids: Sequence[str]) -> dict[str, Any]:
+    """Everything `policy.decide_all` needs for a batch, a handful of set-based queries."""
+    cids = list(set(customer_ids))
+    contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
+        "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
+    erased = {r["customer_id"] for r in await conn.fetch(
+        "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
+    seen = {r["trigger_id"] for r in await conn.fetch(
+        "SELECT DISTINCT trigger_id FROM notifications WHERE trigger_id = ANY($1::text[])",
+        list(trigger_ids))}
+    history: dict[str, list[PriorNotice]] = {}
+    for r in await conn.fetch(_HISTORY, cids, sorted(ACTIVE)):
+        history.setdefault(r["cid"], []).append(PriorNotice(
+            r["trigger_id"], r["kind"], r["period"], r["promotional"], r["cap_date"], r["status"]))
+    store_ids = list({c.home_store_id for c in contacts.values() if c.home_store_id})
+    stores = {r["store_id"]: r["timezone"] for r in await conn.fetch(
+        "SELECT store_id, timezone FROM stores WHERE store_id = ANY($1::text[])", store_ids)}
+    return {"contacts": contacts, "erased": erased, "seen": seen, "history": history,
+            "store_timezones": stores}
+
+
+_INSERT = """
+INSERT INTO notifications (notification_id, trigger_id, customer_id, kind, period, promotional,
+    channel, status, reason, locale, subject, body, params, fallbacks, timezone, cap_date,
+    scheduled_for, due_at, trigger_occurred_at, decided_at)
+SELECT u.nid, u.tid, u.cid, u.kind, u.period, u.promo, u.channel, u.status, u.reason, u.locale,
+       u.subject, u.body, u.params::jsonb, u.fallbacks::text[], u.tz, u.cap_date, u.sched,
+       CASE WHEN u.status IN ('pending', 'deferred') THEN u.sched END, u.occurred, u.decided
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[], $7::text[],
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+            $14::text[], $15::text[], $16::date[], $17::timestamptz[], $18::timestamptz[],
+            $19::timestamptz[])
+     AS u(nid, tid, cid, kind, period, promo, channel, status, reason, locale, subject, body,
+          params, fallbacks, tz, cap_date, sched, occurred, decided)
+ON CONFLICT (notification_id) DO NOTHING
+RETURNING notification_id
+"""
+
+
+async def insert_decisions(conn: asyncpg.Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert decided notifications; returns the ids actually inserted (new)."""
+    if not rows:
+        return set()
+    cols = ("notification_id", "trigger_id", "customer_id", "kind", "period", "promotional",
+            "channel", "status", "reason", "locale", "subject", "body")
+    args: list[list[Any]] = [[r[c] for r in rows] for c in cols]
+    args.append([orjson.dumps(dict(r.get("params") or {})).decode() for r in rows])
+    args.append([_pg_array(r.get("fallbacks") or ()) for r in rows])
+    for c in ("timezone", "cap_date", "scheduled_for", "trigger_occurred_at", "decided_at"):
+        args.append([r.get(c) for r in rows])
+    inserted = await conn.fetch(_INSERT, *args)
+    return {str(r["notification_id"]) for r in inserted}
+
+
+def decision_row(d: Decision, *, subject: str | None, body: str | None, locale: str | None,
+                 params: dict[str, str], decided_at: dt.datetime) -> dict[str, Any]:
+    t = d.trigger
+    return {
+        "notification_id": d.notification_id, "trigger_id": t.trigger_id,
+        "customer_id": t.customer_id, "kind": t.kind, "period": t.period,
+        "promotional": d.promotional, "channel": d.channel, "status": d.status,
+        "reason": d.reason, "locale": locale, "subject": subject, "body": body,
+        "params": params, "fallbacks": d.fallbacks, "timezone": d.timezone,
+        "cap_date": d.cap_date, "scheduled_for": d.scheduled_for,
+        "trigger_occurred_at": t.occurred_at, "decided_at": decided_at,
+        "attempt": 0, "sent_at": None, "provider": None, "provider_message_id": None,
+    }
+
+
+# -- the send queue --------------------------------------------------------------------------------
+
+_CLAIM = """
+WITH live_workers AS (
+    SELECT (l.classid::bigint << 32) | l.objid::bigint AS worker
+    FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+),
+due AS (
+    SELECT notification_id FROM notifications
+    WHERE status IN ('pending', 'deferred') AND due_at <= $1
+      AND (retry_at IS NULL OR retry_at <= clock_timestamp())
+      AND (claimed_by IS NULL OR lease_until < clock_timestamp()
+           OR claimed_by NOT IN (SELECT worker FROM live_workers))
+    ORDER BY due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifications n
+SET claimed_by = $3, lease_until = clock_timestamp() + make_interval(secs => $4),
+    attempt = n.attempt + 1, updated_at = now()
+FROM due WHERE n.notification_id = due.notification_id
+RETURNING n.*
+"""
+
+
+async def claim_due(pool: asyncpg.Pool, *, now: dt.datetime, limit: int, worker: int,
+                    lease_seconds: float) -> tuple[list[asyncpg.Record], dict[str, Contact], set[str]]:
+    """Claim up to `limit` due sends for `worker` (committed at once); with their contacts."""
+    if limit <= 0:
+        return [], {}, set()
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            rows = await conn.fetch(_CLAIM, now, limit, worker, float(lease_seconds))
+        if not rows:
+            return [], {}, set()
+        cids = list({r["customer_id"] for r in rows})
+        contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
+            "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
+        erased = {r["customer_id"] for r in await conn.fetch(
+            "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
+    return list(rows), contacts, erased
+
+
+async def next_due_at(pool: asyncpg.Pool) -> dt.datetime | None:
+    return await pool.fetchval(
+        "SELECT min(due_at) FROM notifications WHERE status IN ('pending', 'deferred')")
+
+
+async def mark_sent(conn: asyncpg.Connection, nid: str, *, provider: str,
+                    provider_message_id: str | None, sent_at: dt.datetime) -> asyncpg.Record | None:
+    """pending -> sent; a callback that already said delivered is not downgraded."""
+    row = await conn.fetchrow(
+        "UPDATE notifications SET status = 'sent', reason = NULL, provider = $2, "
+        "provider_message_id = $3, sent_at = $4, due_at = NULL, claimed_by = NULL, "
+        "lease_until = NULL, updated_at = now() "
+        "WHERE notification_id = $1 AND status IN ('pending', 'deferred') RETURNING *",
+        nid, provider, provider_message_id, sent_at)
+    if row is None:
+        await conn.execute(
+            "UPDATE notifications SET provider = $2, provider_message_id = $3, "
+            "sent_at = COALESCE(sent_at, $4), claimed_by = NULL, updated_at = now() "
+            "WHERE notification_id = $1", nid, provider, provider_message_id, sent_at)
+    return row
+
+
+async def retry_later(conn: asyncpg.Connection, nid: str, *, delay_seconds: float,
+                      reason: str) -> asyncpg.Record | None:
+    """Back to the queue after a retryable failure; back-off runs on wall time, not business time."""
+    return await conn.fetchrow(
+        "UPDATE notifications SET reason = $2, claimed_by = NULL, lease_until = NULL, "
+        "retry_at = clock_timestamp() + make_interval(secs => $3), updated_at = now() "
+        "WHERE notification_id = $1 AND status IN ('pending', 'deferred') RETURNING *",
+        nid, reason, float(delay_seconds))
+
+
+async def reschedule(conn: asyncpg.Connection, nid: str, *, status: str, due_at: dt.datetime,
+                     reason: str | None, undo_attempt: bool = False) -> asyncpg.Record | None:
+    """Back to the queue at `due_at` (business time), e.g. after quiet hours (deferred)."""
+    return await conn.fetchrow(
+        "UPDATE notifications SET status = $2, due_at = $3, reason = $4, claimed_by = NULL, retry_at = NULL, "
+        "lease_until = NULL, scheduled_for = CASE WHEN $2 = 'deferred' THEN $3 ELSE scheduled_for END, "
+        "attempt = attempt - CASE WHEN $5 THEN 1 ELSE 0 END, updated_at = now() "
+        "WHERE notification_id = $1 AND status IN ('pending', 'deferred') RETURNING *",
+        nid, status, due_at, reason, undo_attempt)
+
+
+async def finish(conn: asyncpg.Connection, nid: str, *, status: str, reason: str | None,
+                 from_statuses: Sequence[str] = ("pending", "deferred")) -> asyncpg.Record | None:
+    """A final status (failed, suppressed, delivered) from one of `from_statuses`."""
+    return await conn.fetchrow(
+        "UPDATE notifications SET status = $2, reason = $3, due_at = NULL, claimed_by = NULL, "
+        "lease_until = NULL, updated_at = now() "
+        "WHERE notification_id = $1 AND status = ANY($4::text[]) RETURNING *",
+        nid, status, reason, list(from_statuses))
+
+
+async def insert_failover(conn: asyncpg.Connection, previous: asyncpg.Record, *, nid: str,
+                          channel: str, fallbacks: Sequence[str],
+                          due_at: dt.datetime) -> asyncpg.Record | None:
+    """The same message on the next channel, due now."""
+    return await conn.fetchrow(
+        "INSERT INTO notifications (notification_id, trigger_id, customer_id, kind, period, "
+        " promotional, channel, status, reason, locale, subject, body, params, fallbacks, timezone, "
+        " cap_date, scheduled_for, due_at, trigger_occurred_at, decided_at) "
+        "SELECT $1, trigger_id, customer_id, kind, period, promotional, $2, 'pending', 'failover', "
+        " locale, subject, body, params, $3::text[], timezone, cap_date, $4, $4, "
+        " trigger_occurred_at, $4 FROM notifications WHERE notification_id = $5 "
+        "ON CONFLICT (notification_id) DO NOTHING RETURNING *",
+        nid, channel, list(fallbacks), due_at, previous["notification_id"])
+
+
+async def find_for_callback(conn: asyncpg.Connection, provider: str, provider_message_id: str | None,
+                            nid: str | None) -> asyncpg.Record | None:
+    if provider_message_id:
+        row = await conn.fetchrow(
+            "SELECT * FROM notifications WHERE provider = $1 AND provider_message_id = $2",
+            provider, provider_message_id)
+        if row is not None:
+            return row
+    if nid:
+        try:
+            return await conn.fetchrow("SELECT * FROM notifications WHERE notification_id = $1::uuid", nid)
+        except (asyncpg.DataError, ValueError):
+            return None
+    return None
+
+
+async def contact_of(conn: asyncpg.Connection, customer_id: str) -> Contact | None:
+    row = await conn.fetchrow("SELECT * FROM contacts WHERE customer_id = $1", customer_id)
+    return contact_from_row(row) if row else None
+
+
+async def list_for_customer(conn: asyncpg.Connection, customer_id: str, limit: int = 500) -> list[asyncpg.Record]:
+    """The customer's notifications, newest first, including those of customers merged into them."""
+    return await conn.fetch(
+        "SELECT * FROM notifications WHERE customer_id = $1 "
+        "OR customer_id IN (SELECT merged FROM aliases WHERE survivor = $1) "
+        "ORDER BY decided_at DESC, notification_id LIMIT $2", customer_id, limit)

@@ -1,0 +1,429 @@
+"""Batches in, triggers out: folds records into facts, runs the rules, and fires through the outbox.
+
+Event-driven rules fire while their event is applied. Before an event is folded, the customer's
+time-based rules are evaluated as of that event's time, so a trigger that fell due before the
+customer's next event fires whether or not a scan happened to run in between (a cart left 61
+minutes before a sale is abandoned either way; one left 59 minutes before is converted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from services.triggers import rules as R
+from services.triggers import store
+from services.triggers.facts import (
+    CustomerFacts,
+    Store,
+    apply_event,
+    apply_loyalty,
+    apply_profile,
+    merge_facts,
+    purchase_amount,
+    reset_activity,
+)
+from services.triggers.rules import RuleConfig, Trigger
+from services.triggers.segments import compile_segment
+from shared.avro import AvroCodec
+from shared.batch_consumer import Record
+from shared.clock import Clock
+from shared.metrics import ServiceMetrics
+from shared.outbox import OutboxMessage, add_to_outbox
+from shared.topics import (
+    IDENTITY_EVENTS,
+    IDENTITY_MERGES,
+    IDENTITY_PROFILES,
+    INGEST_STORES,
+    LOYALTY,
+    LOYALTY_EVENTS,
+    RESOLVED,
+    TRIGGER,
+    TRIGGERS_FIRED,
+)
+
+log = logging.getLogger(__name__)
+UTC = dt.UTC
+INPUT_TOPICS = (IDENTITY_EVENTS, IDENTITY_PROFILES, IDENTITY_MERGES, LOYALTY_EVENTS, INGEST_STORES)
+
+
+class CampaignConflict(Exception):
+    """A campaign name already used with a different definition."""
+
+
+def encode_trigger(codec: AvroCodec, t: Trigger) -> bytes:
+    """The `triggers.fired.v1` value of a trigger."""
+    offer = None
+    if t.offer is not None:
+        o = t.offer
+        offer = {"code": o.code, "description": o.description, "amount": o.amount,
+                 "min_spend": o.min_spend, "currency": o.currency, "expires_at": o.expires_at}
+    return codec.encode(TRIGGER, {
+        "trigger_id": t.trigger_id, "kind": t.kind, "customer_id": t.customer_id,
+        "fired_at": t.fired_at, "period": t.period, "context": dict(t.context), "offer": offer,
+        "cause_event_id": t.cause_event_id, "occurred_at": t.occurred_at,
+    })
+
+
+def _event_time(record: Record) -> dt.datetime | None:
+    """Event time of any input record: the event's, a profile's last change, a merge's or loyalty's."""
+    v = record.value
+    if v is None:
+        return None
+    if isinstance(v.get("event"), dict):
+        return v["event"]["occurred_at"]
+    return v.get("occurred_at") or v.get("updated_at")
+
+
+def _store_of(event: dict[str, Any]) -> Store | None:
+    s = (event.get("properties") or {}).get("store") or {}
+    if not s.get("store_id") or not s.get("name"):
+        return None
+    return Store(s["store_id"], s["name"], s.get("timezone"), s.get("country"), s.get("city"),
+                 s.get("lat"), s.get("lon"), s.get("currency"))
+
+
+def _attach_home_store(facts: CustomerFacts, stores: dict[str, Store]) -> None:
+    home = stores.get(facts.home_store_id or "")
+    if home is not None:
+        facts.home_store_tz, facts.home_store_lat, facts.home_store_lon = home.timezone, home.lat, home.lon
+
+
+class TriggersHandler:
+    """The batch handler, the time-based scan and campaigns, over one connection at a time."""
+
+    def __init__(self, *, codec: AvroCodec, cfg: RuleConfig, clock: Clock, event_clock: bool = False,
+                 save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+                 metrics: ServiceMetrics | None = None, scan_interval: dt.timedelta | None = None,
+                 topics: dict[str, str] | None = None) -> None:
+        self.codec = codec
+        # Topic names by role (tests run on topics of their own).
+        names = {"events": IDENTITY_EVENTS.name, "profiles": IDENTITY_PROFILES.name,
+                 "merges": IDENTITY_MERGES.name, "loyalty": LOYALTY_EVENTS.name,
+                 "stores": INGEST_STORES.name, "fired": TRIGGERS_FIRED.name, **(topics or {})}
+        self.t_events, self.t_profiles, self.t_merges = names["events"], names["profiles"], names["merges"]
+        self.t_loyalty, self.t_stores, self.t_fired = names["loyalty"], names["stores"], names["fired"]
+        self.cfg = cfg
+        self.clock = clock
+        self.event_clock = event_clock
+        self.save_watermark = save_watermark
+        self.scan_interval = scan_interval or dt.timedelta(minutes=15)
+        self._fired = metrics.counter("triggers_fired", "Triggers fired, per kind.", ("kind",)) if metrics else None
+        self._scan_seconds = (metrics.histogram("scan_seconds", "Time of one time-based scan.")
+                              if metrics else None)
+
+    # -- batches -----------------------------------------------------------------------------
+    async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
+        cfg, money = self.cfg, self.cfg.money
+        now_of = await self._observe(conn, records)
+
+        # Stores first: the events of this batch may name them.
+        upserts = [s for r in records if r.topic == self.t_stores and r.value
+                   and r.value["type"] == "store_upsert" and (s := _store_of(r.value))]
+        await store.upsert_stores(conn, upserts)
+
+        # Store each customer event once; a re-delivered one is not folded again.
+        rows = []
+        for r in records:
+            if r.topic == self.t_events and r.value is not None:
+                ev = r.value["event"]
+                rows.append(("identity", ev["event_id"], r.value["customer_id"], ev["occurred_at"], r.raw or b""))
+            elif r.topic == self.t_loyalty and r.value is not None:
+                rows.append(("loyalty", r.value["event_id"], r.value["customer_id"], r.value["occurred_at"], r.raw or b""))
+        new = await store.insert_events(conn, rows)
+
+        ids: set[str] = set()
+        store_ids: set[str] = set()
+        for r in records:
+            v = r.value
+            if r.topic == self.t_events and v is not None:
+                ids.add(v["customer_id"])
+                store_ids.add(v["event"].get("store_id") or "")
+            elif r.topic == self.t_loyalty and v is not None:
+                ids.add(v["customer_id"])
+            elif r.topic == self.t_profiles:
+                cid = v["customer_id"] if v is not None else (r.key or b"").decode()
+                if cid:
+                    ids.add(cid)
+                if v is not None:
+                    store_ids.add(v.get("home_store_id") or "")
+            elif r.topic == self.t_merges and v is not None:
+                ids.update((v["survivor"], v["merged"]))
+        # Events resolved before a merge that we applied already belong to the survivor now.
+        alias = await store.survivors_of(conn, [r.value["customer_id"] for r in records if r.value is not None
+                                                and r.topic in (self.t_events, self.t_loyalty)])
+        ids.update(alias.values())
+        facts: dict[str, CustomerFacts | None] = dict(await store.load_facts(conn, ids))
+        stores = await store.load_stores(conn, store_ids)
+
+        touched: set[str] = set()
+        deleted: set[str] = set()
+        erased: set[str] = set()
+        purchases: list[tuple[str, str, dt.datetime, int]] = []
+        triggers: list[Trigger] = []
+        merges: list[dict[str, Any]] = []
+
+        def live(cid: str) -> CustomerFacts:
+            f = facts.get(cid)
+            if f is None:
+                f = facts[cid] = CustomerFacts(cid)
+            touched.add(cid)
+            deleted.discard(cid)
+            return f
+
+        for i, r in enumerate(records):
+            v = r.value
+            now = now_of[i]
+            if r.topic == self.t_profiles:
+                cid = v["customer_id"] if v is not None else (r.key or b"").decode()
+                if not cid:
+                    continue
+                if v is None:  # tombstone: erase or merge-away; the merge record folds the history
+                    facts[cid] = None
+                    touched.discard(cid)
+                    deleted.add(cid)
+                    continue
+                f = live(cid)
+                apply_profile(f, v)
+                _attach_home_store(f, stores)
+            elif r.topic == self.t_events:
+                ev, cid = v["event"], alias.get(v["customer_id"], v["customer_id"])
+                if ("identity", ev["event_id"]) not in new:
+                    continue
+                if ev["type"] == "erase_request":
+                    facts[cid] = None
+                    touched.discard(cid)
+                    erased.add(cid)
+                    continue
+                f = live(cid)
+                # Whatever fell due before this event happened is decided before it is folded.
+                for t in R.time_based(f, ev["occurred_at"], cfg):
+                    R.mark_fired(f, t)
+                    triggers.append(dataclasses.replace(t, fired_at=now))
+                shop = stores.get(ev.get("store_id") or "")
+                triggers += R.welcome(f, ev, now, cfg, shop)
+                apply_event(f, ev, money)
+                triggers += R.geo_thank_you(f, ev, now, cfg, shop)
+                amount = purchase_amount(ev, money)
+                if amount is not None:
+                    purchases.append((cid, ev["event_id"], ev["occurred_at"], amount))
+            elif r.topic == self.t_loyalty:
+                if ("loyalty", v["event_id"]) not in new:
+                    continue
+                f = live(alias.get(v["customer_id"], v["customer_id"]))
+                apply_loyalty(f, v)
+                triggers += R.tier_upgrade(f, v, now, cfg)
+            elif r.topic == self.t_merges:
+                merges.append(v)
+
+        await store.insert_purchases(conn, purchases)
+        for m in merges:
+            await self._apply_merge(conn, m, facts, touched, deleted)
+
+        gone = [c for c in deleted if facts.get(c) is None]
+        await store.delete_facts(conn, gone)
+        await store.erase_customers(conn, sorted(erased))
+        await store.save_facts(conn, [f for c in sorted(touched) if (f := facts.get(c)) is not None], cfg)
+
+        store_events = [(i, r.value) for i, r in enumerate(records)
+                        if r.topic == self.t_stores and r.value and r.value["type"] == "store_event"]
+        await store.add_store_events(conn, [e for _, e in store_events])
+        if not self.event_clock:
+            for i, e in store_events:
+                triggers += await self._invite(conn, e, now_of[i])
+                await store.mark_invited(conn, e["event_id"], now_of[i])
+        # With the event clock the scan invites, once every partition has reached the event's time,
+        # so the customers' tiers and places are judged identically in every replay.
+
+        await self.fire(conn, triggers)
+        if self.event_clock:
+            await store.save_watermarks(conn, self._batch_marks)
+        if self.save_watermark is not None:
+            await self.save_watermark(conn)
+
+    async def _observe(self, conn: asyncpg.Connection, records: Sequence[Record]) -> list[dt.datetime]:
+        """Advance the clock by each record's event time; the 'now' each record is judged at.
+
+        With the event clock, 'now' for a record is its own partition's watermark, so a stale
+        event is recognised identically however the partitions interleave in a replay.
+        """
+        marks = await store.load_watermarks(conn) if self.event_clock else {}
+        self._batch_marks: dict[tuple[str, int], dt.datetime] = {}
+        out: list[dt.datetime] = []
+        for r in records:
+            at = _event_time(r)
+            if at is not None:
+                self.clock.observe(at)
+            if not self.event_clock:
+                out.append(self.clock.now())
+                continue
+            key = (r.topic, r.partition)
+            if at is not None and (key not in marks or at > marks[key]):
+                marks[key] = at
+                self._batch_marks[key] = at
+            out.append(marks.get(key) or self.clock.now())
+        return out
+
+    async def _apply_merge(self, conn: asyncpg.Connection, m: dict[str, Any],
+                           facts: dict[str, CustomerFacts | None], touched: set[str],
+                           deleted: set[str]) -> None:
+        survivor, merged = m["survivor"], m["merged"]
+        if survivor == merged or not await store.merge_is_new(conn, m["merge_id"], m["kind"], m["occurred_at"]):
+            return
+        if m["kind"] == "merged":
+            await store.set_alias(conn, merged, survivor, m["merge_id"])
+            absorbed = facts.get(merged)
+            current = facts.get(survivor)
+            if absorbed is not None and current is not None:
+                facts[survivor] = merge_facts(current, absorbed, self.cfg.tier_order)
+                await store.move_purchases(conn, merged, survivor)
+            else:  # one side's facts are gone (its tombstone came first): fold the stored events
+                facts[survivor] = await self._rederive(conn, survivor, current)
+            facts[merged] = None
+            touched.discard(merged)
+            deleted.add(merged)
+            touched.add(survivor)
+            deleted.discard(survivor)
+        elif m["kind"] == "unmerged":
+            if not await store.remove_alias(conn, merged, survivor):
+                return
+            # Split back by re-deriving each side from its own stored events, not by guessing.
+            for head in (survivor, merged):
+                facts[head] = await self._rederive(conn, head, facts.get(head))
+                touched.add(head)
+                deleted.discard(head)
+
+    async def _rederive(self, conn: asyncpg.Connection, head: str,
+                        current: CustomerFacts | None) -> CustomerFacts:
+        """Facts of `head` folded again from the stored events of it and everyone merged into it."""
+        members = await store.group_of(conn, head)
+        f = reset_activity(current) if current is not None else CustomerFacts(head)
+        purchases = []
+        for source, raw in await store.owned_events(conn, members):
+            if source == "identity":
+                ev = self.codec.decode(raw, RESOLVED)["event"]
+                if ev["type"] == "erase_request":
+                    continue
+                apply_event(f, ev, self.cfg.money)
+                amount = purchase_amount(ev, self.cfg.money)
+                if amount is not None:
+                    purchases.append((head, ev["event_id"], ev["occurred_at"], amount))
+            else:
+                apply_loyalty(f, self.codec.decode(raw, LOYALTY))
+        await conn.execute("DELETE FROM purchases WHERE customer_id = ANY($1::text[])", members)
+        await store.insert_purchases(conn, purchases)
+        return f
+
+    async def _invite(self, conn: asyncpg.Connection, event: dict[str, Any], now: dt.datetime) -> list[Trigger]:
+        props = event.get("properties") or {}
+        shops = await store.load_stores(conn, [props.get("store_id") or ""])
+        shop = shops.get(props.get("store_id") or "")
+        if shop is None or shop.lat is None or shop.lon is None:
+            log.info("store event %s: store unknown or without location; no invitations", event["event_id"])
+            return []
+        radius = props.get("radius_km")
+        radius = float(radius) if radius is not None else self.cfg.invite_default_radius_km
+        ids = await store.customers_near(conn, shop, radius, self.cfg.invite_tiers)
+        out: list[Trigger] = []
+        for chunk in _chunks(ids, 5000):
+            for f in (await store.load_facts(conn, chunk, lock=False)).values():
+                out += R.store_event_invite(f, event, shop, now, self.cfg)
+        return out
+
+    # -- firing --------------------------------------------------------------------------------
+    async def fire(self, conn: asyncpg.Connection, triggers: Sequence[Trigger]) -> list[Trigger]:
+        """Record triggers; the ones new by trigger_id go to `triggers.fired.v1` through the outbox."""
+        new = await store.record_fired(conn, triggers)
+        await add_to_outbox(conn, [OutboxMessage(self.t_fired, t.customer_id, encode_trigger(self.codec, t))
+                                   for t in new])
+        if self._fired is not None:
+            for t in new:
+                self._fired.labels(kind=t.kind).inc()
+        return new
+
+    # -- time-based scan -------------------------------------------------------------------------
+    async def scan(self, conn: asyncpg.Connection, now: dt.datetime, *,
+                   since: dt.datetime | None = None, chunk: int = 5000) -> int:
+        """Fire the time-based rules due at `now`: set-based SQL picks candidates, the rules decide."""
+        started = time.perf_counter()
+        ids = await store.scan_candidates(conn, now, self.cfg, since)
+        fired = 0
+        for part in _chunks(ids, chunk):
+            async with conn.transaction():
+                facts = await store.load_facts(conn, part)
+                triggers: list[Trigger] = []
+                changed: list[CustomerFacts] = []
+                for f in facts.values():
+                    due = R.time_based(f, now, self.cfg, since)
+                    for t in due:
+                        R.mark_fired(f, t)
+                    if due:
+                        changed.append(f)
+                        triggers += due
+                await store.save_facts(conn, changed, self.cfg)
+                fired += len(await self.fire(conn, triggers))
+        async with conn.transaction():
+            invites: list[Trigger] = []
+            for e in await store.pending_store_events(conn, now):
+                invites += await self._invite(conn, e, now)
+                await store.mark_invited(conn, e["event_id"], now)
+            fired += len(await self.fire(conn, invites))
+        if self._scan_seconds is not None:
+            self._scan_seconds.observe(time.perf_counter() - started)
+        return fired
+
+    async def scheduled_scan(self, pool: asyncpg.Pool) -> int:
+        """The leader's timer job: scan when the clock has passed the next scan boundary."""
+        async with pool.acquire() as conn:
+            since = await store.last_scan(conn)
+            now = self.clock.now()
+            if self.event_clock:
+                # Only as far as every partition has come, so no customer is judged on missing events.
+                low = await store.min_watermark(conn, self.t_events)
+                if low is None:
+                    return 0
+                now = min(now, low)
+            as_of = _floor(now, self.scan_interval)
+            if since is not None and as_of <= since:
+                return 0
+            fired = await self.scan(conn, as_of, since=since if self.event_clock else None)
+            await store.save_scan(conn, as_of)
+            return fired
+
+    # -- campaigns -------------------------------------------------------------------------------
+    async def run_campaign(self, conn: asyncpg.Connection, name: str, segment: dict[str, Any],
+                           message: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+        """Fire a `campaign` trigger for every member of the segment, once per campaign name."""
+        compiled = compile_segment(segment, now=now, money=self.cfg.money)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('campaign:' || $1))", name)
+            existing = await store.campaign(conn, name)
+            if existing is not None:
+                if existing["segment"] != segment or existing["message"] != message:
+                    raise CampaignConflict(name)
+                return {"name": name, "members": existing["members"], "fired": 0, "created": False}
+            count, ids = await store.segment_members(conn, compiled.where, compiled.params, None)
+            fired = 0
+            for part in _chunks(ids, 5000):
+                fired += len(await self.fire(conn, [R.campaign(cid, name, message, now, self.cfg) for cid in part]))
+            await store.insert_campaign(conn, name, segment, message, count, fired, now)
+        return {"name": name, "members": count, "fired": fired, "created": True}
+
+
+def _floor(at: dt.datetime, step: dt.timedelta) -> dt.datetime:
+    epoch = dt.datetime(1970, 1, 1, tzinfo=UTC)
+    seconds = int(step.total_seconds()) or 1
+    return epoch + dt.timedelta(seconds=(int((at - epoch).total_seconds()) // seconds) * seconds)
+
+
+def _chunks(items: Sequence[str], size: int):
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+

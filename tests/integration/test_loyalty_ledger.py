@@ -1,0 +1,292 @@
+"""The loyalty handler on real PostgreSQL with real Avro records: earning, tiers, returns,
+redemption at the till, merges and unmerges, expiry by the clock, erasure, re-delivery, HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.loyalty.api import router
+from services.loyalty.handlers import LoyaltyHandler, expire_due
+from services.loyalty.rules import LoyaltyRules
+from shared.auth import KeyRing
+from shared.avro import AvroCodec, SchemaRegistry
+from shared.batch_consumer import Record
+from shared.clock import FixedClock
+from shared.config import ApiKey
+from shared.db import setup_database
+from shared.errors import PermanentError
+from shared.events import for_encoding
+from shared.http import create_app
+from shared.metrics import ServiceMetrics
+from shared.rules import load_rules
+from shared.topics import IDENTITY_EVENTS, IDENTITY_MERGES, LOYALTY, MERGE, RESOLVED
+
+pytestmark = pytest.mark.asyncio
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "loyalty" / "migrations"
+CODEC = AvroCodec(SchemaRegistry.load())
+RULES = LoyaltyRules.from_config(load_rules())
+T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+_offsets = itertools.count()
+
+
+def resolved(customer_id: str, event_type: str, event_id: str, at: dt.datetime, **props) -> Record:
+    """A record as the consumer hands it over: encoded and decoded through the real schema."""
+    event = {"event_id": event_id, "type": event_type, "occurred_at": at, "source": "pos",
+             "store_id": "soho", "customer": {"loyalty_id": f"L-{customer_id}"},
+             "properties": props or ({} if event_type == "erase_request" else None)}
+    raw = CODEC.encode(RESOLVED, {"customer_id": customer_id, "identifiers": [],
+                                  "event": for_encoding(event)})
+    return Record(IDENTITY_EVENTS.name, 0, next(_offsets), customer_id.encode(),
+                  CODEC.decode(raw, RESOLVED), raw, 0)
+
+
+def sale(cid: str, eid: str, total: int, at: dt.datetime = T0, *, currency: str = "USD",
+         redeem: int = 0, order: str | None = None) -> Record:
+    return resolved(cid, "sale", eid, at, order_id=order or f"o-{eid}", currency=currency,
+                    total=total, lines=[], points_redeemed=redeem)
+
+
+def refund(cid: str, eid: str, order: str, total: int, at: dt.datetime = T0) -> Record:
+    return resolved(cid, "return", eid, at, order_id=order, return_id=f"r-{eid}", currency="USD",
+                    total=total, lines=[])
+
+
+def merge(kind: str, survivor: str, merged: str, merge_id: str, at: dt.datetime = T0) -> Record:
+    raw = CODEC.encode(MERGE, {"merge_id": merge_id, "kind": kind, "survivor": survivor,
+                               "merged": merged, "reason": "shared email", "cause_event_id": None,
+                               "occurred_at": at})
+    return Record(IDENTITY_MERGES.name, 0, next(_offsets), survivor.encode(),
+                  CODEC.decode(raw, MERGE), raw, 0)
+
+
+@pytest.fixture
+async def loyalty(database, unique):
+    pool = await setup_database(database, f"loyalty_{unique}", MIGRATIONS)
+    clock = FixedClock(T0)
+    handler = LoyaltyHandler(RULES, CODEC, clock, metrics=ServiceMetrics("loyalty"))
+
+    class Harness:
+        def __init__(self) -> None:
+            self.pool, self.clock, self.handler, self.u = pool, clock, handler, unique
+
+        async def feed(self, *records: Record) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await handler(conn, list(records))
+
+        async def account(self, cid: str):
+            return await pool.fetchrow("SELECT * FROM accounts WHERE customer_id = $1", cid)
+
+        async def balance(self, cid: str) -> int:
+            return await pool.fetchval("SELECT balance FROM accounts WHERE customer_id = $1", cid)
+
+        async def ledger_sum(self, cid: str) -> int:
+            return await pool.fetchval(
+                "SELECT coalesce(sum(points), 0) FROM ledger WHERE customer_id = $1", cid)
+
+        async def events(self, cid: str | None = None) -> list[dict]:
+            rows = await pool.fetch("SELECT key, value FROM outbox ORDER BY id")
+            out = [CODEC.decode(r["value"], LOYALTY) for r in rows]
+            return [e for e in out if cid is None or e["customer_id"] == cid]
+
+        def c(self, name: str) -> str:
+            return f"{name}-{unique}"
+
+    try:
+        yield Harness()
+    finally:
+        await pool.close()
+
+
+async def test_one_point_per_unit_tier_up_at_5000_and_a_return_drops_back(loyalty):
+    alice = loyalty.c("alice")
+    await loyalty.feed(sale(alice, "s1", 129_90))                       # $129.90 -> 129 points
+    assert await loyalty.balance(alice) == 129
+    await loyalty.feed(sale(alice, "s2", 4_870_10, order="big"))         # total spend 5000.00
+    acct = await loyalty.account(alice)
+    assert (acct["balance"], acct["tier"], acct["trailing_spend"]) == (129 + 4870, "silver", 5_000_00)
+    kinds = [(e["kind"], e["points"], e["old_tier"], e["new_tier"]) for e in await loyalty.events(alice)]
+    assert kinds == [("points_earned", 129, None, None), ("points_earned", 4870, None, None),
+                     ("tier_changed", 0, "member", "silver")]
+    await loyalty.feed(refund(alice, "r1", "big", 4_870_10))
+    acct = await loyalty.account(alice)
+    assert (acct["balance"], acct["tier"], acct["trailing_spend"]) == (129, "member", 129_90)
+    tail = [(e["kind"], e["points"], e["new_tier"]) for e in (await loyalty.events(alice))[-2:]]
+    assert tail == [("points_reversed", 4870, None), ("tier_changed", 0, "member")]
+    assert await loyalty.ledger_sum(alice) == 129
+    loyalty_event = (await loyalty.events(alice))[0]
+    assert loyalty_event["order_id"] == "o-s1" and loyalty_event["cause_event_id"] == "s1"
+    assert loyalty_event["expires_at"] == T0 + dt.timedelta(days=365)
+
+
+async def test_partial_returns_never_reverse_more_than_the_order_earned(loyalty):
+    bob = loyalty.c("bob")
+    await loyalty.feed(sale(bob, "s1", 100_99, order="o1"))              # 100 points
+    await loyalty.feed(refund(bob, "r1", "o1", 50_50), refund(bob, "r2", "o1", 50_49))
+    assert await loyalty.balance(bob) == 0
+    await loyalty.feed(refund(bob, "r3", "o1", 10_00))                   # more than was paid
+    assert await loyalty.balance(bob) == 0
+    assert await loyalty.ledger_sum(bob) == 0
+    assert (await loyalty.account(bob))["trailing_spend"] == 0
+
+
+async def test_redemption_at_the_till_and_a_refused_one_is_recorded_not_clamped(loyalty):
+    carol = loyalty.c("carol")
+    await loyalty.feed(sale(carol, "s1", 500_00))
+    await loyalty.feed(sale(carol, "s2", 20_00, redeem=300))             # till spends 300 points
+    assert await loyalty.balance(carol) == 500 - 300 + 20
+    await loyalty.feed(sale(carol, "s3", 10_00, redeem=1000))            # more than she has
+    assert await loyalty.balance(carol) == 220 + 10
+    rejected = await loyalty.pool.fetchrow("SELECT * FROM redemption_rejections WHERE event_id = 's3'")
+    assert (rejected["requested"], rejected["balance"], rejected["reason"]) == (1000, 220, "insufficient_points")
+    kinds = [(e["kind"], e["points"], e["balance"]) for e in await loyalty.events(carol)]
+    assert kinds == [("points_earned", 500, 500), ("points_redeemed", 300, 200),
+                     ("points_earned", 20, 220), ("points_earned", 10, 230)]
+    assert await loyalty.ledger_sum(carol) == 230
+
+
+async def test_amounts_in_other_currencies_use_their_precision_and_rate(loyalty):
+    kenji = loyalty.c("kenji")
+    await loyalty.feed(sale(kenji, "s1", 150_000, currency="JPY"))       # ¥150,000 * 0.0067 = $1005
+    acct = await loyalty.account(kenji)
+    assert (acct["balance"], acct["trailing_spend"]) == (1005, 1005_00)
+    with pytest.raises(PermanentError) as exc:
+        await loyalty.feed(sale(kenji, "s2", 100, currency="XAU"))
+    assert exc.value.reason == "unknown_currency"
+
+
+async def test_redelivered_events_change_nothing(loyalty):
+    dan = loyalty.c("dan")
+    batch = [sale(dan, "s1", 6000_00, order="o1"), sale(dan, "s2", 10_00, redeem=50),
+             refund(dan, "r1", "o1", 1000_00)]
+    await loyalty.feed(*batch)
+    before = (await loyalty.account(dan), await loyalty.events(dan),
+              await loyalty.pool.fetch("SELECT * FROM ledger WHERE customer_id = $1 ORDER BY seq", dan))
+    await loyalty.feed(*batch)
+    await loyalty.feed(batch[1], batch[1])
+    # The same order re-sent under a new event id is not paid twice either.
+    await loyalty.feed(sale(dan, "s1-again", 6000_00, order="o1"))
+    after = (await loyalty.account(dan), await loyalty.events(dan),
+             await loyalty.pool.fetch("SELECT * FROM ledger WHERE customer_id = $1 ORDER BY seq", dan))
+    assert before[0]["balance"] == after[0]["balance"] == 6000 - 50 + 10 - 1000
+    assert before[1] == after[1] and before[2] == after[2]
+
+
+async def test_a_merge_adds_two_balances_once_and_an_unmerge_moves_them_back(loyalty):
+    a, b = loyalty.c("a"), loyalty.c("b")
+    await loyalty.feed(sale(a, "a1", 3000_00), sale(b, "b1", 2500_00, order="b-order"))
+    m = merge("merged", a, b, f"m-{loyalty.u}")
+    await loyalty.feed(m)
+    await loyalty.feed(m)                                                 # exactly once
+    sa, sb = await loyalty.account(a), await loyalty.account(b)
+    assert (sa["balance"], sa["tier"], sa["trailing_spend"]) == (5500, "silver", 5500_00)
+    assert (sb["balance"], sb["merged_into"]) == (0, a)
+    assert await loyalty.ledger_sum(a) == 5500 and await loyalty.ledger_sum(b) == 0
+    assert (await loyalty.events(a))[-1]["new_tier"] == "silver"
+    # Events still addressed to the merged id land on the survivor.
+    await loyalty.feed(sale(b, "b2", 100_00))
+    assert await loyalty.balance(a) == 5600
+    # A return of the merged customer's order reverses from the survivor.
+    await loyalty.feed(refund(b, "br", "b-order", 500_00))
+    assert await loyalty.balance(a) == 5100
+    await loyalty.feed(merge("unmerged", a, b, f"m-{loyalty.u}", T0 + dt.timedelta(hours=1)))
+    sa, sb = await loyalty.account(a), await loyalty.account(b)
+    assert (sa["balance"], sb["balance"]) == (3100, 2000)
+    assert (sa["tier"], sb["merged_into"]) == ("member", None)
+    assert await loyalty.ledger_sum(a) == 3100 and await loyalty.ledger_sum(b) == 2000
+    kinds = await loyalty.pool.fetch("SELECT customer_id, points FROM ledger WHERE kind = 'merge_in' "
+                                     "AND customer_id = ANY($1) ORDER BY seq", [a, b])
+    assert [(r["customer_id"], r["points"]) for r in kinds] == [(b, -2500), (a, 2500), (a, -2000), (b, 2000)]
+
+
+async def test_points_expire_oldest_first_on_the_clock_and_the_tier_follows_the_window(loyalty):
+    eve = loyalty.c("eve")
+    await loyalty.feed(sale(eve, "old", 5200_00, T0 - dt.timedelta(days=300)),
+                       sale(eve, "new", 300_00, T0 - dt.timedelta(days=10)))
+    await loyalty.feed(sale(eve, "till", 0, T0, redeem=5000))             # FIFO: from the old lot
+    assert await loyalty.balance(eve) == 500
+    async with loyalty.pool.acquire() as conn:
+        assert await expire_due(conn, T0 + dt.timedelta(days=64), handler=loyalty.handler) == 0
+        assert await expire_due(conn, T0 + dt.timedelta(days=66), handler=loyalty.handler) == 1
+    acct = await loyalty.account(eve)
+    # The old lot's last 200 points expired, and its 5200 of spend left the window: silver -> member.
+    assert (acct["balance"], acct["tier"]) == (300, "member")
+    tail = [(e["kind"], e["points"], e["new_tier"]) for e in (await loyalty.events(eve))[-2:]]
+    assert sorted(tail, key=str) == sorted([("points_expired", 200, None), ("tier_changed", 0, "member")], key=str)
+    assert await loyalty.ledger_sum(eve) == 300
+    async with loyalty.pool.acquire() as conn:
+        assert await expire_due(conn, T0 + dt.timedelta(days=66), handler=loyalty.handler) == 0
+
+
+async def test_a_sale_after_expiry_sees_the_expired_points_gone_even_before_the_timer(loyalty):
+    fay = loyalty.c("fay")
+    await loyalty.feed(sale(fay, "s1", 400_00, T0))
+    later = T0 + dt.timedelta(days=400)
+    loyalty.clock.set(later)
+    await loyalty.feed(sale(fay, "s2", 10_00, later, redeem=100))
+    assert await loyalty.balance(fay) == 10
+    assert (await loyalty.pool.fetchval("SELECT reason FROM redemption_rejections WHERE event_id = 's2'")
+            == "insufficient_points")
+
+
+async def test_erasure_keeps_amounts_and_drops_order_references(loyalty):
+    gus = loyalty.c("gus")
+    await loyalty.feed(sale(gus, "s1", 100_00, order="ORD-gus@example.com"))
+    await loyalty.feed(resolved(gus, "erase_request", "erase-1", T0))
+    assert await loyalty.balance(gus) == 100
+    refs = await loyalty.pool.fetch(
+        "SELECT order_id FROM ledger WHERE customer_id = $1 UNION ALL "
+        "SELECT order_id FROM lots WHERE owner = $1 UNION ALL "
+        "SELECT order_id FROM orders WHERE owner = $1", gus)
+    assert refs and all(r["order_id"] is None for r in refs)
+    assert (await loyalty.account(gus))["erased_at"] is not None
+    # A later return of that order still finds what it earned.
+    await loyalty.feed(refund(gus, "r1", "ORD-gus@example.com", 100_00))
+    assert await loyalty.balance(gus) == 0
+
+
+READ = ApiKey("reader", "read-secret", frozenset({"read"}))
+INGEST = ApiKey("pos", "ingest-secret", frozenset({"ingest"}))
+
+
+async def test_http_summary_and_ledger_pages_by_cursor(loyalty):
+    hal, other = loyalty.c("hal"), loyalty.c("hal2")
+    await loyalty.feed(*[sale(hal, f"h{i}", 1000_00, T0 - dt.timedelta(days=i)) for i in range(7)])
+    await loyalty.feed(sale(other, "x1", 50_00), merge("merged", hal, other, f"mh-{loyalty.u}"))
+    app = create_app("loyalty", keyring=KeyRing([READ, INGEST]), metrics=ServiceMetrics("loyalty"),
+                     ready=lambda: None)
+    app.include_router(router(lambda: loyalty.pool, RULES, loyalty.clock))
+    auth = {"Authorization": "Bearer read-secret"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+        r = await client.get(f"/v1/customers/{other}/loyalty", headers=auth)   # merged id -> survivor
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["customer_id"] == hal
+        assert (body["points_balance"], body["tier"], body["trailing_spend"]) == (7050, "silver", "7050.00")
+        assert (body["next_tier"], body["spend_to_next_tier"]) == ("gold", "7950.00")
+        assert body["points_expiring"][0] == {"points": 1000,
+                                              "expires_at": "2027-02-23T12:00:00Z"}
+        assert body["benefits"] == {"discount_percent": 5, "personal_shopper": False}
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+            page = (await client.get(f"/v1/customers/{hal}/loyalty/ledger", params=params, headers=auth)).json()
+            seen += page["entries"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == 8 and len({e["entry_id"] for e in seen}) == 8
+        times = [e["occurred_at"] for e in seen]
+        assert times == sorted(times, reverse=True)
+        assert seen[0]["kind"] == "merge_in" and seen[0]["points"] == 50
+        assert (await client.get(f"/v1/customers/{hal}/loyalty/ledger", params={"cursor": "nope"},
+                                 headers=auth)).status_code == 400
+        assert (await client.get(f"/v1/customers/{hal}/loyalty")).status_code == 401
+        assert (await client.get(f"/v1/customers/{hal}/loyalty",
+                                 headers={"Authorization": "Bearer ingest-secret"})).status_code == 403
+        missing = await client.get("/v1/customers/nobody/loyalty", headers=auth)
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
