@@ -188,6 +188,14 @@ def _ingest_key(settings: Settings) -> str:
     raise StackError("no API key in OMNICRM_API_KEYS has the ingest scope: the demo traffic cannot be published")
 
 
+def _read_key(settings: Settings) -> str:
+    """A key allowed to read (the messages panel looks customers up)."""
+    for key in settings.api_keys:
+        if "read" in key.scopes:
+            return key.secret
+    return ""
+
+
 def _start_traffic(settings: Settings, customers: int, day_minutes: float,
                    seed: int | None) -> BackgroundPublisher:
     """Generate the day that just ended and feed it to ingestion, compressed into `day_minutes`."""
@@ -207,11 +215,14 @@ def _watch(stack: Stack, settings: Settings, services: list[str],
     from rich.console import Console
     from rich.live import Live
 
-    from shared.dashboard import Dashboard, render
+    from shared.dashboard import Dashboard, MessageSampler, render
 
     console = Console()
     live = console.is_terminal if live is None else live
-    board = Dashboard({n: f"http://{settings.host}:{settings.port(n)}" for n in services})
+    urls = {n: f"http://{settings.host}:{settings.port(n)}" for n in services}
+    board = Dashboard(urls)
+    sampler = (MessageSampler(urls["identity"], urls["notifications"], _read_key(settings))
+               if traffic and {"identity", "notifications"} <= set(urls) else None)
     began = time.monotonic()
     snapshot = None
     last_line = 0.0
@@ -224,7 +235,9 @@ def _watch(stack: Stack, settings: Settings, services: list[str],
                     if proc.poll() is not None:
                         raise StackError(f"{name} stopped unexpectedly with code {proc.returncode}; see {settings.home / 'logs' / (name + '.log')}")
                 problems = [f"traffic: {traffic.error}"] if traffic and traffic.error else []
-                snapshot = board.poll(traffic=traffic.status() if traffic else None, problems=problems)
+                messages = sampler.sample(traffic.recent_emails()) if sampler and traffic else ()
+                snapshot = board.poll(traffic=traffic.status() if traffic else None,
+                                      problems=problems, messages=messages)
                 if live:
                     screen.update(render(snapshot))  # type: ignore[union-attr]
                 else:
@@ -240,6 +253,8 @@ def _watch(stack: Stack, settings: Settings, services: list[str],
                 time.sleep(1.0)
     finally:
         board.close()
+        if sampler is not None:
+            sampler.close()
         if snapshot is not None and not live:
             console.print(render(snapshot))
 

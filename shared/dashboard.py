@@ -19,7 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-TRIGGERS_FIRED = "omnicrm_triggers_fired_total"
+# The name the brief gave, and the one ServiceMetrics.counter("triggers_fired") produces.
+TRIGGERS_FIRED = ("omnicrm_triggers_fired_total", "omnicrm_triggers_triggers_fired_total")
 NOTIFICATION_DECISIONS = "omnicrm_notifications_decisions_total"
 RATE_WINDOW_SECONDS = 5.0
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -162,11 +163,7 @@ def render(snapshot: Snapshot) -> RenderableType:
     if not channels:
         notes.add_row("—", "—")
 
-    grid = Table.grid(expand=True)
-    grid.add_column(ratio=1)
-    grid.add_column(ratio=1)
-    grid.add_row(triggers, notes)
-    parts: list[RenderableType] = [title, services, grid]
+    parts: list[RenderableType] = [title, services, triggers, notes]
     if snapshot.messages:
         parts.append(Panel("\n".join(snapshot.messages), title="last messages", title_align="left"))
     for problem in snapshot.problems:
@@ -202,8 +199,9 @@ class Dashboard:
                 issues.append(f"{name}: /metrics at {url} did not answer ({type(exc).__name__})")
                 continue
             stats.append(service_stats(name, url, samples))
-            for (kind,), value in by_labels(samples, TRIGGERS_FIRED, ("kind",)).items():
-                triggers[kind] = triggers.get(kind, 0.0) + value
+            for metric in TRIGGERS_FIRED:
+                for (kind,), value in by_labels(samples, metric, ("kind",)).items():
+                    triggers[kind] = triggers.get(kind, 0.0) + value
             for key, value in by_labels(samples, NOTIFICATION_DECISIONS, ("channel", "status")).items():
                 notifications[(key[0], key[1])] = notifications.get((key[0], key[1]), 0.0) + value
         now = self.clock()
@@ -215,6 +213,65 @@ class Dashboard:
         snapshot = with_rates(snapshot, self.history[0] if self.history else None)
         self.history.append(snapshot)
         return snapshot
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class MessageSampler:
+    """The last few rendered messages of customers the traffic just touched (best effort).
+
+    There is no "recent messages" endpoint, so it looks a handful of customers up by email on
+    identity and reads their notifications; anything that fails just leaves the panel as it was.
+    """
+
+    def __init__(self, identity_url: str, notifications_url: str, key: str, *,
+                 client: httpx.Client | None = None, every: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.identity, self.notifications = identity_url, notifications_url
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.client = client or httpx.Client(timeout=1.0)
+        self.every, self.clock = every, clock
+        self.last = -every
+        self.messages: tuple[str, ...] = ()
+        self.seen: dict[str, str] = {}
+
+    def sample(self, emails: Iterable[str]) -> tuple[str, ...]:
+        if self.clock() - self.last < self.every:
+            return self.messages
+        self.last = self.clock()
+        found: list[tuple[str, str]] = []
+        for email in emails:
+            try:
+                found.extend(self._messages_of(email))
+            except (httpx.HTTPError, ValueError, KeyError):
+                continue
+        if found:
+            for decided, line in found:
+                self.seen[line] = decided
+            latest = sorted(self.seen.items(), key=lambda kv: kv[1], reverse=True)[:5]
+            self.seen = dict(latest)
+            self.messages = tuple(line for line, _ in latest)
+        return self.messages
+
+    def _messages_of(self, email: str) -> list[tuple[str, str]]:
+        found = self.client.get(f"{self.identity}/v1/customers/lookup", params={"email": email},
+                                headers=self.headers)
+        if found.status_code != 200:
+            return []
+        customer_id = found.json()["customer_id"]
+        answer = self.client.get(f"{self.notifications}/v1/customers/{customer_id}/notifications",
+                                 params={"limit": 5}, headers=self.headers)
+        if answer.status_code != 200:
+            return []
+        out = []
+        for note in answer.json().get("notifications", []):
+            if note.get("body"):
+                text = " ".join(str(note["body"]).split())
+                line = (f"{note.get('kind', '?')} · {note.get('channel') or '-'} · "
+                        f"{note.get('status', '?')}: {text[:90]}")
+                out.append((str(note.get("decided_at") or note.get("sent_at") or ""), line))
+        return out
 
     def close(self) -> None:
         self.client.close()

@@ -260,3 +260,14 @@ class BackgroundPublisher:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+    def recent_emails(self, count: int = 3) -> list[str]:
+        """Emails of the last few customers whose events went out (for the messages panel)."""
+        out: list[str] = []
+        for event in reversed(self.events[: self.result.sent]):
+            email = (event.get("customer") or {}).get("email")
+            if email and email not in out and MALFORMED not in event:
+                out.append(email)
+                if len(out) >= count:
+                    break
+        return out

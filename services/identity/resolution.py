@@ -265,8 +265,10 @@ def _sighted_too_often(graph: Graph, ev: Incoming, ident: Ident, usable: list[Id
     owner_id = graph.owners.get(ident)
     if owner_id is None:
         return False
-    owner = graph.customers[owner_id]
     others = [j for j in usable if j != ident]
+    if not others:
+        return False
+    owner = graph.customers[owner_id]
     other_owners = {graph.owners[j] for j in others if j in graph.owners} - {owner_id}
     anchors = sorted(other_owners)
     if not anchors and not any(j in graph.owners for j in others):

@@ -298,3 +298,21 @@ async def test_two_workers_resolving_the_same_people_at_once_stay_consistent(dat
     finally:
         await pool.close()
 
+
+
+async def test_resolved_value_reuses_the_event_body_byte_for_byte(identity: Identity) -> None:
+    from services.identity.handlers import _Item
+    from services.identity.resolution import Incoming
+    from shared.topics import RESOLVED
+
+    e = event("b-1", "sale", 0, "soho", SALE, email="b@example.com", phone="+12125550100")
+    rec = record(e)
+    idents = (("email", "b@example.com"), ("phone", "+12125550100"))
+    item = _Item(rec.value, Incoming("b-1", "sale", e["occurred_at"], idents), rec.raw)
+    fast = identity.handler.resolved_bytes("c-1", idents, item)
+    slow = CODEC.encode(RESOLVED, {"customer_id": "c-1",
+                                   "identifiers": [{"type": t, "value": v} for t, v in idents],
+                                   "event": for_encoding(rec.value)})
+    assert fast == slow
+    assert identity.handler.resolved_bytes("c-1", (), item) == CODEC.encode(
+        RESOLVED, {"customer_id": "c-1", "identifiers": [], "event": for_encoding(rec.value)})

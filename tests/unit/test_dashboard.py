@@ -21,7 +21,7 @@ omnicrm_triggers_consumer_lag{topic="loyalty.events.v1",partition="0"} 3.0
 omnicrm_triggers_consumer_lag{topic="loyalty.events.v1",partition="1"} 4.0
 # TYPE omnicrm_triggers_fired_total counter
 omnicrm_triggers_fired_total{kind="welcome"} 9.0
-omnicrm_triggers_fired_total{kind="geo_thank_you"} 4.0
+omnicrm_triggers_triggers_fired_total{kind="geo_thank_you"} 4.0
 """
 NOTIFICATIONS_METRICS = """\
 # TYPE omnicrm_notifications_decisions_total counter
