@@ -48,24 +48,9 @@ def entry_id(event_id: str, kind: str) -> str:
 
 
 @dataclass(slots=True)
-class Lot:
-    """Points earned by one order: expire together, consumed oldest first."""
-
-    lot_id: str
-    owner: str
-    order_id: str | None
-    points: int
-    remaining: int
-    earned_at: dt.datetime
-    expires_at: dt.datetime
-
-    def sort_key(self) -> tuple[dt.datetime, str]:
-        return (self.expires_at, self.lot_id)
-
-
-@dataclass(slots=True)
 class Order:
-    """A sale as loyalty remembers it: what it earned and its net spend, reduced by returns."""
+    """A sale as loyalty remembers it: the points it earned (a lot, consumed oldest-expiry first
+    and expiring together) and its net spend, both reduced by returns."""
 
     order_key: str
     order_id: str | None
@@ -79,6 +64,11 @@ class Order:
     spend: int            # net base-currency minor units still counted (gross minus returns)
     earned: int           # points the sale earned
     reversed: int         # points reversed by returns so far
+    remaining: int        # points of this lot not yet redeemed, reversed, expired or moved
+    expires_at: dt.datetime
+
+    def fifo_key(self) -> tuple[dt.datetime, str]:
+        return (self.expires_at, self.order_key)
 
 
 @dataclass(slots=True)
@@ -88,8 +78,11 @@ class Account:
     customer_id: str
     balance: int = 0
     tier: str = "member"
-    lots: list[Lot] = field(default_factory=list)        # open lots (remaining > 0), FIFO order
+    lots: list[Order] = field(default_factory=list)      # orders with points left, FIFO order
     orders: dict[str, Order] = field(default_factory=dict)
+    # True when `orders` holds every order in the tier window, so spend can be recomputed;
+    # otherwise trailing_spend is carried forward (valid until review_at).
+    spend_exact: bool = True
     review_at: dt.datetime | None = None                 # next time spend leaves the window
     merged_into: str | None = None
     erased: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 
 from babel.numbers import get_currency_precision, is_currency
 
-from services.loyalty.ledger import Lot, Order
+from services.loyalty.ledger import Order
 
 REJECT_INSUFFICIENT = "insufficient_points"
 
@@ -144,14 +144,14 @@ def net_spend_after(rules: LoyaltyRules, order: Order, refunded_after: int) -> i
     return order.gross_spend - removed
 
 
-def consume(lots: list[Lot], points: int, prefer: str | None = None) -> list[tuple[Lot, int]]:
-    """Take `points` from open lots: the lot `prefer` first (a return takes back its own order's
+def consume(lots: list[Order], points: int, prefer: str | None = None) -> list[tuple[Order, int]]:
+    """Take `points` from open lots: the order `prefer` first (a return takes back its own order's
     points), then oldest expiry first. Mutates `remaining`; returns what was taken from each lot."""
-    taken: list[tuple[Lot, int]] = []
+    taken: list[tuple[Order, int]] = []
     need = points
-    ordered: Iterable[Lot] = lots
+    ordered: Iterable[Order] = lots
     if prefer is not None:
-        ordered = sorted(lots, key=lambda lot: (lot.lot_id != prefer, lot.expires_at, lot.lot_id))
+        ordered = sorted(lots, key=lambda o: (o.order_key != prefer, o.expires_at, o.order_key))
     for lot in ordered:
         if need <= 0:
             break
@@ -165,10 +165,9 @@ def consume(lots: list[Lot], points: int, prefer: str | None = None) -> list[tup
     return taken
 
 
-def due_lots(lots: Iterable[Lot], as_of: dt.datetime) -> list[Lot]:
+def due_lots(lots: Iterable[Order], as_of: dt.datetime) -> list[Order]:
     """Open lots whose expiry has arrived, oldest first."""
-    return sorted((lot for lot in lots if lot.remaining > 0 and lot.expires_at <= as_of),
-                  key=Lot.sort_key)
+    return sorted((o for o in lots if o.remaining > 0 and o.expires_at <= as_of), key=Order.fifo_key)
 
 
 def trailing_spend(orders: Iterable[Order], as_of: dt.datetime, window: dt.timedelta) -> int:

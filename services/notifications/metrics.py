@@ -19,7 +19,7 @@ class NotificationMetrics:
         self.provider_errors = metrics.counter(
             "provider_errors", "Provider errors by kind.", ("provider", "retryable"))
         self.e2e_seconds = metrics.histogram(
-            "e2e_seconds", "Trigger cause (occurred_at) to notification decision.",
+            "e2e_latency_seconds", "Trigger cause (occurred_at) to notification decision.",
             buckets=E2E_BUCKETS)
         self.in_flight = metrics.gauge("sends_in_flight", "Sends claimed and not yet recorded.", ("channel",))
 

@@ -140,7 +140,7 @@ async def test_decisions_are_recorded_and_published_with_deterministic_ids(env):
         assert not contains_pii(" ".join(filter(None, r.values())))
     exposition = metrics.base.exposition()[0].decode()
     assert 'omnicrm_notifications_decisions_total{channel="sms",reason="none",status="pending"} 1.0' in exposition
-    assert "omnicrm_notifications_e2e_seconds_count 3.0" in exposition
+    assert "omnicrm_notifications_e2e_latency_seconds_count 3.0" in exposition
 
 
 async def test_a_trigger_seen_again_changes_nothing(env):

@@ -95,3 +95,29 @@ def test_poll_measures_rates_and_degrades_when_a_service_is_down() -> None:
     assert second.total_traffic("ingestion") == 230 and second.total_traffic("identity") == 0
     text = text_of(render(second))
     assert "50.0" in text and "down" in text
+
+
+def test_message_sampler_shows_the_latest_rendered_messages_and_survives_errors() -> None:
+    from shared.dashboard import MessageSampler
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == "Bearer k"
+        if request.url.path == "/v1/customers/lookup":
+            email = request.url.params["email"]
+            if email == "gone@example.com":
+                return httpx.Response(404, json={"error": "not_found"})
+            if email == "boom@example.com":
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(200, json={"customer_id": "c-1"})
+        return httpx.Response(200, json={"notifications": [
+            {"kind": "geo_thank_you", "channel": "sms", "status": "sent",
+             "decided_at": "2026-03-02T10:00:00+00:00",
+             "body": "Thanks for visiting our SoHo store today"},
+            {"kind": "welcome", "channel": None, "status": "suppressed", "body": None}]})
+
+    now = {"t": 0.0}
+    sampler = MessageSampler("http://id", "http://notes", "k", every=5, clock=lambda: now["t"],
+                             client=httpx.Client(transport=httpx.MockTransport(answer)))
+    lines = sampler.sample(["boom@example.com", "gone@example.com", "a@example.com"])
+    assert lines == ("geo_thank_you · sms · sent: Thanks for visiting our SoHo store today",)
+    assert sampler.sample(["a@example.com"]) == lines  # throttled, still shown
