@@ -30,7 +30,14 @@ from shared.kafka import ensure_topics, make_producer
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.rules import load_rules
-from shared.topics import DEAD_LETTER, EVENT, IDENTITY_EVENTS, IDENTITY_MERGES, IDENTITY_PROFILES, Topic
+from shared.topics import (
+    DEAD_LETTER,
+    EVENT,
+    IDENTITY_EVENTS,
+    IDENTITY_MERGES,
+    IDENTITY_PROFILES,
+    Topic,
+)
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "identity" / "migrations"
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)

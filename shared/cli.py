@@ -81,16 +81,17 @@ class Stack:
             self.postgres.stop()
 
 
-def _wait_ready(name: str, url: str, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_ready(name: str, url: str, proc: subprocess.Popen, timeout: float,
+                log: Path = Path(".omnicrm/logs")) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"{name} exited with code {proc.returncode} while starting; see .omnicrm/logs/{name}.log")
+            raise StackError(f"{name} exited with code {proc.returncode} while starting; see {log / (name + '.log')}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
                 return
         time.sleep(0.2)
-    raise StackError(f"{name} was not ready at {url}/ready within {timeout:.0f}s; see .omnicrm/logs/{name}.log")
+    raise StackError(f"{name} was not ready at {url}/ready within {timeout:.0f}s; see {log / (name + '.log')}")
 
 
 @app.command()
@@ -141,6 +142,8 @@ def up(no_traffic: bool = typer.Option(False, "--no-traffic", help="start idle, 
         asyncio.run(ensure_topics(bootstrap, settings.partitions))
         env = child_env(KAFKA_BOOTSTRAP_SERVERS=bootstrap, DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
         services = available_services()
+        if services:
+            _say(f"starting {', '.join(services)} ...")
         for name in services:
             log = open(home / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             stack.children[name] = subprocess.Popen(
@@ -148,7 +151,7 @@ def up(no_traffic: bool = typer.Option(False, "--no-traffic", help="start idle, 
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         for name in services:
             url = f"http://{settings.host}:{settings.port(name)}"
-            _wait_ready(name, url, stack.children[name], timeout)
+            _wait_ready(name, url, stack.children[name], timeout, home / "logs")
             _say(f"  {name:<14} {url}  ready")
         if settings.api_keys and settings.api_keys[0].secret == DEV_KEY_SECRET:
             _say(f"dev API key (all scopes): {DEV_KEY_SECRET}")
@@ -256,6 +259,7 @@ def _watch(stack: Stack, settings: Settings, services: list[str],
         if sampler is not None:
             sampler.close()
         if snapshot is not None and not live:
+            _say(_one_line(snapshot))
             console.print(render(snapshot))
 
 

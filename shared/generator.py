@@ -471,7 +471,7 @@ class World:
                 "store_id": store.store_id,
                 "title": f"{STORE_EVENT_TITLES[i % len(STORE_EVENT_TITLES)]} at {store.name}",
                 "starts_at": starts.isoformat(timespec="seconds"),
-                "radius_km": 10 if i % 2 == 0 else 25}, store_id=store.store_id)
+                "radius_km": 10.0 if i % 2 == 0 else 25.0}, store_id=store.store_id)
 
     def _live(self, person: Person, day: int) -> None:
         rng, cfg = self.rng, self.config

@@ -225,6 +225,9 @@ class BackgroundPublisher:
         self.events, self.url, self.key, self.pacer = events, url, key, pacer
         self.result = PublishResult()
         self.error: str | None = None
+        self._bad_before = [0]  # malformed events among the first i events
+        for event in events:
+            self._bad_before.append(self._bad_before[-1] + (MALFORMED in event))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="omnicrm-traffic", daemon=True)
 
@@ -250,12 +253,16 @@ class BackgroundPublisher:
     def status(self) -> str:
         r = self.result
         line = (f"{r.sent:,}/{self.total:,} events sent, {r.accepted:,} accepted, "
-                f"{r.rejected:,} rejected")
+                f"{r.rejected:,} rejected ({self.malformed_sent:,} malformed on purpose)")
         if r.duplicates:
             line += f", {r.duplicates:,} duplicates"
         if r.done and not self.error:
             line += " (done)"
         return line
+
+    @property
+    def malformed_sent(self) -> int:
+        return self._bad_before[min(self.result.sent, self.total)]
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -21,8 +21,10 @@ ON CONFLICT DO NOTHING RETURNING event_id
 _LOCK = """
 SELECT c.* FROM customers c
 WHERE c.customer_id IN (
-    SELECT i.customer_id FROM identifiers i
-    JOIN unnest($1::text[], $2::text[]) AS q(t, v) ON i.id_type = q.t AND i.value = q.v)
+    SELECT i.customer_id FROM unnest($1::text[], $2::text[]) AS q(t, v)
+    -- LATERAL + LIMIT keeps this an index probe per identifier (a hash join would scan them all)
+    CROSS JOIN LATERAL (SELECT customer_id FROM identifiers
+                        WHERE id_type = q.t AND value = q.v LIMIT 1) AS i)
 ORDER BY c.customer_id
 FOR UPDATE OF c
 """
@@ -33,12 +35,13 @@ _DETAILS = """
 SELECT 'i' AS k, id_type, value, customer_id AS ref, NULL::timestamptz AS at
   FROM identifiers WHERE customer_id = ANY($1::text[])
 UNION ALL
-SELECT 'q', q.id_type, q.value, q.reason, q.since FROM quarantined_identifiers q
-  JOIN unnest($2::text[], $3::text[]) AS u(t, v) ON q.id_type = u.t AND q.value = u.v
+SELECT 'q', q.id_type, q.value, q.reason, q.since FROM unnest($2::text[], $3::text[]) AS u(t, v)
+  CROSS JOIN LATERAL (SELECT * FROM quarantined_identifiers
+                      WHERE id_type = u.t AND value = u.v LIMIT 1) AS q
 UNION ALL
-SELECT 's', s.id_type, s.value, s.anchor, s.seen_at FROM sightings s
-  JOIN unnest($2::text[], $3::text[]) AS u(t, v) ON s.id_type = u.t AND s.value = u.v
-  WHERE s.seen_at >= $4
+SELECT 's', s.id_type, s.value, s.anchor, s.seen_at FROM unnest($2::text[], $3::text[]) AS u(t, v)
+  CROSS JOIN LATERAL (SELECT * FROM sightings
+                      WHERE id_type = u.t AND value = u.v AND seen_at >= $4 LIMIT 100) AS s
 """
 
 _UPSERT_CUSTOMERS = """
@@ -58,9 +61,8 @@ ON CONFLICT (customer_id) DO UPDATE SET
 """
 
 _REPOINT = """
-UPDATE identifiers SET customer_id = m.survivor
-FROM unnest($1::text[], $2::text[]) AS m(merged, survivor)
-WHERE identifiers.customer_id = m.merged
+UPDATE identifiers SET customer_id = ($2::text[])[array_position($1::text[], customer_id)]
+WHERE customer_id = ANY($1::text[])
 """
 
 # Sorted inserts: two workers inserting overlapping identifiers wait in the same order.

@@ -86,7 +86,7 @@ def router(pool: Callable[[], asyncpg.Pool], rules: LoyaltyRules, clock: Clock) 
             if row is None:
                 raise ApiError(404, "not_found", "no loyalty account for this customer")
             lots = await conn.fetch(
-                "SELECT expires_at, sum(remaining) AS points FROM lots "
+                "SELECT expires_at, sum(remaining) AS points FROM orders "
                 "WHERE owner = $1 AND remaining > 0 GROUP BY expires_at ORDER BY expires_at", cid)
             spend = await conn.fetchval(
                 "SELECT coalesce(sum(spend), 0) FROM orders WHERE owner = $1 AND sale_at > $2",

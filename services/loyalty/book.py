@@ -1,9 +1,10 @@
 """The loyalty book: loaded accounts and orders for one unit of work, changed only through the rules.
 
 Commands (sales, returns, merges, expiry) are applied in order; the book records every entry,
-notice, rejection and changed row so the store can write them in one round trip per table.
+notice, rejection and changed row so the store can write them in one statement per table.
 Pure: the same code runs the unit/property tests (everything in memory) and the service
-(state loaded per batch). Each command is applied at most once (`processed` holds its key).
+(state loaded per batch). Each command is applied at most once (`processed` holds its key;
+a sale is keyed by its order, so an order re-sent under another event id also counts once).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 from collections import defaultdict
+from dataclasses import replace
+from decimal import ROUND_HALF_EVEN
 
 from services.loyalty import rules as R
 from services.loyalty.ledger import (
@@ -22,7 +25,6 @@ from services.loyalty.ledger import (
     Entry,
     Erase,
     Kind,
-    Lot,
     MergeCommand,
     Notice,
     Order,
@@ -55,14 +57,12 @@ class Book:
         self.orders: dict[str, Order] = orders if orders is not None else {}
         self.aliases: dict[str, str] = aliases if aliases is not None else {}
         self.processed: set[str] = processed if processed is not None else set()
-        self.applied: list[str] = []
         self.entries: list[Entry] = []
         self.notices: list[Notice] = []
         self.rejections: list[Rejection] = []
         self.dirty_accounts: dict[str, Account] = {}
-        self.dirty_lots: dict[str, Lot] = {}
         self.dirty_orders: dict[str, Order] = {}
-        self.moves: list[tuple[str, str, str]] = []            # (merge_id, "lot"|"order", id)
+        self.moves: list[tuple[str, str]] = []                      # (merge_id, order_key)
         self.alias_changes: dict[str, tuple[str, str] | None] = {}  # merged -> (survivor, merge_id) | None
         self.merges: list[tuple[str, str, MergeCommand, int]] = []  # (merge_id, kind, command, points)
         self.erased: list[tuple[str, dt.datetime]] = []
@@ -89,13 +89,12 @@ class Book:
 
     # -- applying commands --------------------------------------------------------------------
     def apply(self, cmd: Command, as_of: dt.datetime,
-              unmerge_items: tuple[list[str], list[str]] | None = None) -> bool:
+              unmerge_orders: list[str] | None = None) -> bool:
         """Apply one command as of `as_of` (>= its event time); False when it was already applied."""
         key = command_key(cmd)
         if key in self.processed:
             return False
         self.processed.add(key)
-        self.applied.append(key)
         if isinstance(cmd, Sale):
             self._sale(cmd, as_of)
         elif isinstance(cmd, Return):
@@ -104,8 +103,9 @@ class Book:
             if cmd.kind == "merged":
                 self._merge(cmd, as_of)
             else:
-                lots, orders = unmerge_items or self._moves_of(cmd.merge_id)
-                self._unmerge(cmd, as_of, lots, orders)
+                moved = unmerge_orders if unmerge_orders is not None else [
+                    k for mid, k in self.moves if mid == cmd.merge_id]
+                self._unmerge(cmd, as_of, moved)
         elif isinstance(cmd, Erase):
             self._erase(cmd)
         elif isinstance(cmd, Enrol):
@@ -119,60 +119,67 @@ class Book:
                 self.catch_up(acct, as_of)
 
     def catch_up(self, acct: Account, as_of: dt.datetime) -> None:
-        """Bring an account to `as_of`: lots past expiry expire (FIFO), a tier whose spend left the
-        window is re-evaluated. Runs before every command, so outcomes do not depend on the timer."""
-        due = R.due_lots(acct.lots, as_of)
-        for lot in due:
-            points = lot.remaining
-            lot.remaining = 0
-            acct.balance -= points
-            self.dirty_lots[lot.lot_id] = lot
-            self._entry(acct, Kind.EXPIRE, -points, f"expire:{lot.lot_id}", lot.expires_at,
-                        order_id=lot.order_id, cause=lot.lot_id, notice_points=points)
-        if due:
+        """Bring an account to `as_of`: lots past expiry expire (oldest first) and a tier whose
+        spend left the window is re-evaluated. Runs before every command, so outcomes do not
+        depend on when the timer last ran."""
+        if acct.lots and acct.lots[0].expires_at <= as_of:
+            due = R.due_lots(acct.lots, as_of)
+            for lot in due:
+                points = lot.remaining
+                lot.remaining = 0
+                acct.balance -= points
+                self.dirty_orders[lot.order_key] = lot
+                self._entry(acct, Kind.EXPIRE, -points, f"expire:{lot.order_key}", lot.expires_at,
+                            order_id=lot.order_id, cause=lot.sale_event_id, notice_points=points)
             acct.lots = [lot for lot in acct.lots if lot.remaining > 0]
-            self._touch(acct)
-        if acct.review_at is not None and acct.review_at <= as_of:
-            self._retier(acct, as_of, cause=f"review:{acct.review_at.isoformat()}", at=acct.review_at)
+        if acct.review_at is not None and acct.review_at <= as_of and acct.spend_exact:
+            # (Not exact: the window moved inside this batch; review_at stays due and the next
+            # batch or expiry run, which loads the window, re-evaluates.)
+            at = acct.review_at
+            self._refresh_spend(acct, as_of)
+            self._announce_tier(acct, cause=f"review:{at.isoformat()}", at=at)
 
     # -- sales and returns --------------------------------------------------------------------
     def _sale(self, sale: Sale, as_of: dt.datetime) -> None:
-        acct = self.account(self.resolve(sale.customer_id))
-        self.catch_up(acct, as_of)
         key = order_key(sale.order_id)
         if key in self.orders:
-            return  # the same order sent again under another event id counts once
+            return  # the same order sent again (under any event id) counts once
+        acct = self.account(self.resolve(sale.customer_id))
+        self.catch_up(acct, as_of)
         # Redemption first: points earned by this sale cannot pay for it.
         if sale.points_redeemed > 0:
             reason = R.redemption_rejection(acct.balance, sale.points_redeemed)
             if reason is not None:
-                self.rejections.append(Rejection(sale.event_id, acct.customer_id, sale.order_id,
+                self.rejections.append(Rejection(sale.event_id, acct.customer_id,
+                                                 None if acct.erased else sale.order_id,
                                                  sale.points_redeemed, acct.balance, reason,
                                                  sale.occurred_at))
             else:
                 self._take(acct, sale.points_redeemed, prefer=None)
-                self._entry(acct, Kind.REDEEM, -sale.points_redeemed, sale.event_id, sale.occurred_at,
-                            order_id=sale.order_id, cause=sale.event_id,
+                self._entry(acct, Kind.REDEEM, -sale.points_redeemed, sale.event_id,
+                            sale.occurred_at, order_id=sale.order_id, cause=sale.event_id,
                             notice_points=sale.points_redeemed)
         ref = None if acct.erased else sale.order_id
         points = R.points_for(self.rules, sale.total, sale.currency)
         gross = max(0, R.to_base_minor(self.rules, sale.total, sale.currency))
-        order = Order(key, ref, acct.customer_id, sale.event_id, sale.occurred_at,
-                      sale.currency.upper(), sale.total, 0, gross, gross, points, 0)
+        order = Order(key, ref, acct.customer_id, sale.event_id, sale.occurred_at, sale.currency,
+                      sale.total, 0, gross, gross, points, 0, points,
+                      sale.occurred_at + self.rules.expiry)
         self.orders[key] = order
         acct.orders[key] = order
         self.dirty_orders[key] = order
+        if order.sale_at > as_of - self.rules.window and gross > 0:
+            acct.trailing_spend += gross
+            exit_at = order.sale_at + self.rules.window
+            acct.review_at = exit_at if acct.review_at is None else min(acct.review_at, exit_at)
+        self._refresh_spend(acct, as_of)
         if points > 0:
-            lot = Lot(sale.event_id, acct.customer_id, ref, points, points,
-                      sale.occurred_at, sale.occurred_at + self.rules.expiry)
-            bisect.insort(acct.lots, lot, key=Lot.sort_key)
+            bisect.insort(acct.lots, order, key=Order.fifo_key)
             acct.balance += points
-            self.dirty_lots[lot.lot_id] = lot
-            self._retier(acct, as_of, cause=sale.event_id, at=sale.occurred_at, announce=False)
             self._entry(acct, Kind.EARN, points, sale.event_id, sale.occurred_at,
-                        order_id=sale.order_id, expires_at=lot.expires_at, cause=sale.event_id,
+                        order_id=sale.order_id, expires_at=order.expires_at, cause=sale.event_id,
                         notice_points=points)
-        self._retier(acct, as_of, cause=sale.event_id, at=sale.occurred_at)
+        self._announce_tier(acct, cause=sale.event_id, at=sale.occurred_at)
 
     def _return(self, ret: Return, as_of: dt.datetime) -> None:
         order = self.orders.get(order_key(ret.order_id))
@@ -185,28 +192,34 @@ class Book:
             acct.orders[order.order_key] = order
         self.catch_up(acct, as_of)
         refund = ret.total
-        if ret.currency.upper() != order.currency:
+        if ret.currency != order.currency:
             refund = _convert(self.rules, ret.total, ret.currency, order.currency)
         refunded_after = min(order.total, order.refunded + max(0, refund))
         points = R.reversal_points(self.rules, order, refunded_after)
-        order.spend = R.net_spend_after(self.rules, order, refunded_after)
+        spend_after = R.net_spend_after(self.rules, order, refunded_after)
+        if order.sale_at > as_of - self.rules.window:
+            acct.trailing_spend -= order.spend - spend_after
+        order.spend = spend_after
         order.refunded = refunded_after
         order.reversed += points
         self.dirty_orders[order.order_key] = order
+        self._refresh_spend(acct, as_of)
         if points > 0:
             # Points already spent cannot be taken back; the shortfall is recorded, never negative.
             take = min(points, acct.balance)
-            self._take(acct, take, prefer=order.sale_event_id)
-            detail = {"return_id": ret.return_id}
+            self._take(acct, take, prefer=order.order_key)
+            detail: dict = {"return_id": ret.return_id}
             if take < points:
                 detail["unrecovered"] = points - take
             self._entry(acct, Kind.REVERSE, -take, ret.event_id, ret.occurred_at,
                         order_id=order.order_id, cause=ret.event_id, notice_points=take,
                         detail=detail)
-        self._retier(acct, as_of, cause=ret.event_id, at=ret.occurred_at)
+        self._announce_tier(acct, cause=ret.event_id, at=ret.occurred_at)
 
     # -- merges -------------------------------------------------------------------------------
     def _merge(self, m: MergeCommand, as_of: dt.datetime) -> None:
+        """Fold the merged customer's points and orders into the survivor (needs both loaded
+        with every order)."""
         survivor = self.account(self.resolve(m.survivor))
         merged = self.account(m.merged)
         points = 0
@@ -214,18 +227,13 @@ class Book:
             self.catch_up(survivor, as_of)
             self.catch_up(merged, as_of)
             points = merged.balance
-            for lot in merged.lots:
-                lot.owner = survivor.customer_id
-                self.dirty_lots[lot.lot_id] = lot
-                self.moves.append((m.merge_id, "lot", lot.lot_id))
-            survivor.lots = sorted([*survivor.lots, *merged.lots], key=Lot.sort_key)
-            merged.lots = []
             for key, order in merged.orders.items():
                 order.owner = survivor.customer_id
                 survivor.orders[key] = order
                 self.dirty_orders[key] = order
-                self.moves.append((m.merge_id, "order", key))
-            merged.orders = {}
+                self.moves.append((m.merge_id, key))
+            survivor.lots = sorted([*survivor.lots, *merged.lots], key=Order.fifo_key)
+            merged.lots, merged.orders = [], {}
             merged.balance = 0
             survivor.balance += points
             if points:
@@ -236,57 +244,40 @@ class Book:
                             detail={**detail, "from": merged.customer_id})
             merged.merged_into = survivor.customer_id
             merged.tier = self.rules.entry_tier  # no longer a member of its own; not announced
-            merged.review_at = None
-            merged.trailing_spend = 0
-            self._touch(merged)
+            self._refresh_spend(merged, as_of)
             self.aliases[merged.customer_id] = survivor.customer_id
             self.alias_changes[merged.customer_id] = (survivor.customer_id, m.merge_id)
-            self._retier(survivor, as_of, cause=f"merge:{m.merge_id}", at=m.occurred_at)
+            self._refresh_spend(survivor, as_of)
+            self._announce_tier(survivor, cause=f"merge:{m.merge_id}", at=m.occurred_at)
         self.merges.append((m.merge_id, "merged", m, points))
 
-    def _moves_of(self, merge_id: str) -> tuple[list[str], list[str]]:
-        lots = [i for mid, kind, i in self.moves if mid == merge_id and kind == "lot"]
-        orders = [i for mid, kind, i in self.moves if mid == merge_id and kind == "order"]
-        return lots, orders
-
-    def _unmerge(self, m: MergeCommand, as_of: dt.datetime, lot_ids: list[str],
-                 order_keys: list[str]) -> None:
-        """Split the merged customer back out: the points and orders that came in with the merge
-        (what is left of them) move back with compensating entries; nothing is rewritten."""
+    def _unmerge(self, m: MergeCommand, as_of: dt.datetime, moved_keys: list[str]) -> None:
+        """Split the merged customer back out: the orders that came in with the merge, and what
+        is left of their points, move back with compensating entries; nothing is rewritten."""
         target = self.account(m.merged)
         target.merged_into = None
         self.aliases.pop(target.customer_id, None)
         self.alias_changes[target.customer_id] = None
         self._touch(target)
-        lots_by_id = {lot.lot_id: lot for a in self.accounts.values() for lot in a.lots}
-        wanted = set(lot_ids)
-        owners: set[str] = {lot.owner for i, lot in lots_by_id.items() if i in wanted}
-        owners |= {self.orders[k].owner for k in order_keys if k in self.orders}
-        owners.discard(target.customer_id)
-        for owner in sorted(owners):
-            self.catch_up(self.account(owner), as_of)
+        orders = [self.orders[k] for k in moved_keys if k in self.orders]
+        holders = sorted({o.owner for o in orders} - {target.customer_id})
+        for holder_id in holders:
+            self.catch_up(self.account(holder_id), as_of)
         self.catch_up(target, as_of)
         moved: dict[str, int] = defaultdict(int)
-        for lot_id in lot_ids:
-            lot = lots_by_id.get(lot_id)
-            if lot is None or lot.remaining <= 0 or lot.owner == target.customer_id:
-                continue
-            holder = self.account(lot.owner)
-            holder.lots = [x for x in holder.lots if x is not lot]
-            holder.balance -= lot.remaining
-            moved[holder.customer_id] += lot.remaining
-            lot.owner = target.customer_id
-            bisect.insort(target.lots, lot, key=Lot.sort_key)
-            self.dirty_lots[lot.lot_id] = lot
-        for key in order_keys:
-            order = self.orders.get(key)
-            if order is None or order.owner == target.customer_id:
+        for order in orders:
+            if order.owner == target.customer_id:
                 continue
             holder = self.account(order.owner)
-            holder.orders.pop(key, None)
+            holder.orders.pop(order.order_key, None)
+            if order.remaining > 0:
+                holder.lots = [x for x in holder.lots if x is not order]
+                holder.balance -= order.remaining
+                moved[holder.customer_id] += order.remaining
+                bisect.insort(target.lots, order, key=Order.fifo_key)
             order.owner = target.customer_id
-            target.orders[key] = order
-            self.dirty_orders[key] = order
+            target.orders[order.order_key] = order
+            self.dirty_orders[order.order_key] = order
         total = 0
         detail = {"merge_id": m.merge_id, "reason": m.reason}
         for holder_id in sorted(moved):
@@ -300,9 +291,9 @@ class Book:
             self._entry(target, Kind.MERGE_IN, total, f"unmerge:{m.merge_id}", m.occurred_at,
                         detail={**detail, "from": sorted(moved)})
         cause = f"unmerge:{m.merge_id}"
-        for holder_id in sorted(owners):
-            self._retier(self.accounts[holder_id], as_of, cause=cause, at=m.occurred_at)
-        self._retier(target, as_of, cause=cause, at=m.occurred_at)
+        for acct in [*(self.accounts[h] for h in holders), target]:
+            self._refresh_spend(acct, as_of)
+            self._announce_tier(acct, cause=cause, at=m.occurred_at)
         self.merges.append((m.merge_id, "unmerged", m, total))
 
     # -- erasure ------------------------------------------------------------------------------
@@ -311,16 +302,13 @@ class Book:
         acct = self.account(self.resolve(e.customer_id))
         acct.erased = True
         self._touch(acct)
-        for lot in acct.lots:
-            lot.order_id = None
-            self.dirty_lots[lot.lot_id] = lot
         for order in acct.orders.values():
             order.order_id = None
             self.dirty_orders[order.order_key] = order
         cid = acct.customer_id
-        self.entries = [_without_order(x) if x.customer_id == cid else x for x in self.entries]
-        self.notices = [_without_order(x) if x.customer_id == cid else x for x in self.notices]
-        self.rejections = [_without_order(x) if x.customer_id == cid else x for x in self.rejections]
+        self.entries = [_without_order(x, cid) for x in self.entries]
+        self.notices = [_without_order(x, cid) for x in self.notices]
+        self.rejections = [_without_order(x, cid) for x in self.rejections]
         self.erased.append((cid, e.occurred_at))
 
     # -- internals ----------------------------------------------------------------------------
@@ -331,7 +319,7 @@ class Book:
         if points <= 0:
             return
         for lot, _ in R.consume(acct.lots, points, prefer=prefer):
-            self.dirty_lots[lot.lot_id] = lot
+            self.dirty_orders[lot.order_key] = lot
         acct.lots = [lot for lot in acct.lots if lot.remaining > 0]
         acct.balance -= points
         self._touch(acct)
@@ -353,39 +341,38 @@ class Book:
                 cause, trailing_spend=acct.trailing_spend, currency=self.rules.base_currency,
                 expires_at=expires_at))
 
-    def _retier(self, acct: Account, as_of: dt.datetime, *, cause: str, at: dt.datetime,
-                announce: bool = True) -> None:
-        """Tier from trailing net spend: up at once on a sale, down when a return or the window
-        takes the spend away."""
-        spend = R.trailing_spend(acct.orders.values(), as_of, self.rules.window)
-        tier = R.tier_for(self.rules, spend).name
-        acct.trailing_spend = spend
+    def _refresh_spend(self, acct: Account, as_of: dt.datetime) -> None:
+        """Trailing net spend as of `as_of`: recomputed when every window order is at hand,
+        else carried forward (valid until review_at, when the store loads the window)."""
+        if acct.spend_exact:
+            window = self.rules.window
+            acct.trailing_spend = R.trailing_spend(acct.orders.values(), as_of, window)
+            acct.review_at = R.next_window_exit(acct.orders.values(), as_of, window)
         acct.evaluated_at = as_of
-        acct.review_at = (R.next_window_exit(acct.orders.values(), as_of, self.rules.window)
-                          if tier != self.rules.entry_tier else None)
         self._touch(acct)
-        if announce and tier != acct.tier:
+
+    def _announce_tier(self, acct: Account, *, cause: str, at: dt.datetime) -> None:
+        """Tier from trailing net spend: up at once on a sale, down when a return or the window
+        takes the spend away; each change is announced once with a deterministic id."""
+        tier = R.tier_for(self.rules, acct.trailing_spend).name
+        if tier != acct.tier:
             old, acct.tier = acct.tier, tier
+            self._touch(acct)
             self.notices.append(Notice(
                 derived_id("tier", acct.customer_id, cause, old, tier), TIER_CHANGED,
-                acct.customer_id, at, 0, acct.balance, None, _cause_event(cause), old, tier,
-                trailing_spend=spend, currency=self.rules.base_currency))
+                acct.customer_id, at, 0, acct.balance, None,
+                None if cause.startswith("review:") else cause, old, tier,
+                trailing_spend=acct.trailing_spend, currency=self.rules.base_currency))
 
 
-def _cause_event(cause: str) -> str | None:
-    return None if cause.startswith("review:") else cause
-
-
-def _without_order(item):
-    from dataclasses import replace
-
-    return replace(item, order_id=None) if getattr(item, "order_id", None) else item
+def _without_order(item, customer_id: str):
+    if item.customer_id == customer_id and item.order_id is not None:
+        return replace(item, order_id=None)
+    return item
 
 
 def _convert(rules: R.LoyaltyRules, amount: int, source: str, target: str) -> int:
     """Minor units of `source` -> minor units of `target` through the base currency."""
-    from decimal import ROUND_HALF_EVEN
-
     base = R.to_base_major(rules, amount, source)
     rate = rules.rates.get(target.upper())
     if not rate:

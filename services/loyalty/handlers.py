@@ -4,7 +4,7 @@ clock: parse -> load what the batch touches -> apply through the book -> write, 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import cache
 from typing import Any
 
@@ -116,14 +116,19 @@ class LoyaltyHandler:
 
     async def apply(self, conn: asyncpg.Connection, commands: Sequence[Command],
                     now: dt.datetime) -> None:
-        """Apply commands in order, each at most once ever; merges run on their own."""
-        fresh = await store.mark_processed(conn, [command_key(c) for c in commands])
+        """Apply commands in order, each at most once ever; merges run on their own.
+
+        Sales are made idempotent by their order (the orders table); returns and merges by a
+        processed key, recorded here in one statement."""
+        keyed = [command_key(c) for c in commands if isinstance(c, Return | MergeCommand)]
+        fresh = await store.mark_processed(conn, keyed)
         segment: list[Command] = []
         for c in commands:
-            key = command_key(c)
-            if key not in fresh:
-                continue
-            fresh.discard(key)  # a second copy in the same batch is a duplicate too
+            if isinstance(c, Return | MergeCommand):
+                key = command_key(c)
+                if key not in fresh:
+                    continue
+                fresh.discard(key)  # a second copy in the same batch is a duplicate too
             if isinstance(c, MergeCommand):
                 await self._segment(conn, segment, now)
                 segment = []
@@ -132,58 +137,82 @@ class LoyaltyHandler:
                 segment.append(c)
         await self._segment(conn, segment, now)
 
+    async def _load(self, conn: asyncpg.Connection, book: Book, ids: set[str], *,
+                    keys: Iterable[str] = (), since: dt.datetime | None,
+                    review_by: dt.datetime, whole: bool = False) -> None:
+        """Lock and load the members `ids` into the book: their points held, the orders `keys`,
+        and the window orders of those whose spend leaves the window by `review_by` (every
+        member's window with `whole`; every order ever when `since` is None too)."""
+        accounts, new = await store.lock_accounts(conn, ids - book.accounts.keys(), self.rules.entry_tier)
+        book.accounts.update(accounts)
+        for cid in new:
+            book.dirty_accounts[cid] = accounts[cid]
+        known = [a for a in accounts.values() if a.customer_id not in new]
+        window = known if whole else [a for a in known
+                                      if a.review_at is not None and a.review_at <= review_by]
+        await store.load_orders(conn, book.orders, keys=keys, open_for=known, window_for=window,
+                                since=since)
+        for cid in new:
+            accounts[cid].spend_exact = True
+
     async def _segment(self, conn: asyncpg.Connection, commands: list[Command], now: dt.datetime) -> None:
         if not commands:
             return
+        as_ofs = [max(now, c.occurred_at) for c in commands]
+        since, latest = min(as_ofs) - self.rules.window, max(as_ofs)
         keys = {order_key(c.order_id) for c in commands if isinstance(c, Sale | Return)}
-        orders = await store.load_orders(conn, keys)
-        ids = {c.customer_id for c in commands} | {o.owner for o in orders.values()}
-        book = Book(self.rules, orders=orders, aliases=await store.load_aliases(conn, ids))
-        since = max(now, min(c.occurred_at for c in commands)) - self.rules.window
-        book.accounts.update(await store.lock_accounts(
-            conn, {book.resolve(i) for i in ids}, orders, spend_since=since))
-        for c in commands:
-            book.apply(c, max(now, c.occurred_at))
+        ids = {c.customer_id for c in commands}
+        book = Book(self.rules, aliases=await store.load_aliases(conn, ids))
+        await self._load(conn, book, {book.resolve(i) for i in ids}, keys=keys, since=since,
+                         review_by=latest)
+        # A return of an order held by someone else (merged since): lock that member too.
+        owners = {o.owner for o in book.orders.values()} - book.accounts.keys()
+        if owners:
+            book.aliases.update(await store.load_aliases(conn, owners))
+            await self._load(conn, book, {book.resolve(o) for o in owners}, since=since,
+                             review_by=latest)
+        for c, as_of in zip(commands, as_ofs, strict=True):
+            book.apply(c, as_of)
         await self._write(conn, book)
 
     async def _merge(self, conn: asyncpg.Connection, m: MergeCommand, now: dt.datetime) -> None:
         as_of = max(now, m.occurred_at)
+        book = Book(self.rules)
+        moved: list[str] = []
         if m.kind == "merged":
-            book = Book(self.rules, aliases=await store.load_aliases(conn, {m.survivor, m.merged}))
+            book.aliases.update(await store.load_aliases(conn, {m.survivor, m.merged}))
             ids = {book.resolve(m.survivor), m.merged}
-            book.accounts.update(await store.lock_accounts(conn, ids, book.orders, spend_since=None))
-            book.apply(m, as_of)
+            await self._load(conn, book, ids, since=None, review_by=as_of, whole=True)
         else:
-            lots, order_keys = await store.load_moves(conn, m.merge_id)
-            orders = await store.load_orders(conn, order_keys)
-            owners = await store.lot_owners(conn, lots) | {o.owner for o in orders.values()}
-            book = Book(self.rules, orders=orders,
-                        aliases=await store.load_aliases(conn, owners | {m.survivor, m.merged}))
+            moved = await store.load_moves(conn, m.merge_id)
+            await store.load_orders(conn, book.orders, keys=moved)
+            owners = {o.owner for o in book.orders.values()}
+            book.aliases.update(await store.load_aliases(conn, owners | {m.survivor, m.merged}))
             ids = owners | {m.merged, book.resolve(m.survivor)}
-            book.accounts.update(await store.lock_accounts(
-                conn, ids, orders, spend_since=as_of - self.rules.window))
-            book.apply(m, as_of, unmerge_items=(lots, order_keys))
+            await self._load(conn, book, ids, since=as_of - self.rules.window, review_by=as_of,
+                             whole=True)
+        book.apply(m, as_of, unmerge_orders=moved if m.kind == "unmerged" else None)
         await self._write(conn, book)
 
     async def expire_due(self, conn: asyncpg.Connection, now: dt.datetime | None = None,
-                         limit: int = 500) -> int:
-        """Expire lots past their date and drop tiers whose spend left the window, as of `now`
+                         limit: int = 500, max_rounds: int = 1000) -> int:
+        """Expire points past their date and drop tiers whose spend left the window, as of `now`
         (the clock's time by default); returns how many members were brought up to date."""
         now = now or self.clock.now()
         done = 0
-        while True:
+        for _ in range(max_rounds):
             async with conn.transaction():
-                ids = await store.due_customers(conn, now, limit)
+                ids = await store.due_customers(conn, now, self.rules.entry_tier, limit)
                 if ids:
-                    orders: dict = {}
-                    accounts = await store.lock_accounts(
-                        conn, ids, orders, spend_since=now - self.rules.window, create=False)
-                    book = Book(self.rules, accounts=accounts, orders=orders)
+                    book = Book(self.rules)
+                    await self._load(conn, book, set(ids), since=now - self.rules.window,
+                                     review_by=now)
                     book.expire_due(now)
                     await self._write(conn, book)
             done += len(ids)
             if len(ids) < limit:
-                return done
+                break
+        return done
 
     async def _write(self, conn: asyncpg.Connection, book: Book) -> None:
         await store.write(conn, book, self.codec, self.topic)

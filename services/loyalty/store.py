@@ -1,4 +1,4 @@
-"""The loyalty tables in PostgreSQL: set-based loads and writes, one round trip per table per batch."""
+"""The loyalty tables in PostgreSQL: set-based loads and writes, one statement per table per batch."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import asyncpg
 import orjson
 
 from services.loyalty.book import Book
-from services.loyalty.ledger import Account, Lot, Order
+from services.loyalty.ledger import Account, Order
 from shared.avro import AvroCodec
 from shared.outbox import OutboxMessage, add_to_outbox
 from shared.topics import LOYALTY, LOYALTY_EVENTS
+
+EVER = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
 
 _MARK = """
 INSERT INTO processed (key) SELECT unnest($1::text[])
@@ -27,21 +29,23 @@ WITH RECURSIVE r(merged, survivor, depth) AS (
 )
 SELECT DISTINCT merged, survivor FROM r
 """
-_ORDER_COLUMNS = ("order_key, order_id, owner, sale_event_id, sale_at, currency, total, refunded, "
-                  "gross_spend, spend, earned, reversed")
-_ENSURE_ACCOUNTS = """
-INSERT INTO accounts (customer_id) SELECT id FROM unnest($1::text[]) AS u(id) ORDER BY id
-ON CONFLICT DO NOTHING
-"""
+# Members are serialised by a transaction-scoped advisory lock per customer id, taken in id
+# order: nothing is written to lock, and an account that does not exist yet is locked too.
 _LOCK_ACCOUNTS = """
-SELECT customer_id, balance, tier, trailing_spend, evaluated_at, review_at, merged_into,
-       erased_at IS NOT NULL AS erased
-FROM accounts WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR UPDATE
+SELECT u.id, a.balance, a.tier, a.trailing_spend, a.evaluated_at, a.review_at, a.merged_into,
+       a.erased_at IS NOT NULL
+FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
+CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtextextended('omnicrm-loyalty:' || u.id, 0))) AS l
+LEFT JOIN accounts a ON a.customer_id = u.id
+ORDER BY u.n
 """
-_OPEN_LOTS = """
-SELECT lot_id, owner, order_id, points, remaining, earned_at, expires_at FROM lots
-WHERE owner = ANY($1::text[]) AND remaining > 0
-ORDER BY owner, expires_at, lot_id
+_ORDER_COLUMNS = ("order_key, order_id, owner, sale_event_id, sale_at, currency, total, refunded, "
+                  "gross_spend, spend, earned, reversed, remaining, expires_at")
+_LOAD_ORDERS = f"""
+SELECT {_ORDER_COLUMNS} FROM orders
+WHERE order_key = ANY($1::text[])
+   OR (owner = ANY($2::text[]) AND remaining > 0)
+   OR (owner = ANY($3::text[]) AND sale_at > $4)
 """
 _INSERT_LEDGER = """
 INSERT INTO ledger (entry_id, customer_id, kind, points, balance_after, event_id, order_id,
@@ -53,19 +57,14 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::
 ORDER BY n
 ON CONFLICT (event_id, kind) DO NOTHING
 """
-_UPSERT_LOTS = """
-INSERT INTO lots (lot_id, owner, order_id, points, remaining, earned_at, expires_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                     $6::timestamptz[], $7::timestamptz[])
-ON CONFLICT (lot_id) DO UPDATE SET owner = EXCLUDED.owner, order_id = EXCLUDED.order_id,
-                                   remaining = EXCLUDED.remaining
-"""
 _UPSERT_ORDERS = f"""
 INSERT INTO orders ({_ORDER_COLUMNS})
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
-                     $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+                     $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
+                     $12::bigint[], $13::bigint[], $14::timestamptz[])
 ON CONFLICT (order_key) DO UPDATE SET order_id = EXCLUDED.order_id, owner = EXCLUDED.owner,
-    refunded = EXCLUDED.refunded, spend = EXCLUDED.spend, reversed = EXCLUDED.reversed
+    refunded = EXCLUDED.refunded, spend = EXCLUDED.spend, reversed = EXCLUDED.reversed,
+    remaining = EXCLUDED.remaining
 """
 _UPSERT_ACCOUNTS = """
 INSERT INTO accounts AS a (customer_id, balance, tier, trailing_spend, evaluated_at, review_at,
@@ -100,65 +99,72 @@ async def load_aliases(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str
     return {r[0]: r[1] for r in rows}
 
 
-def _order(r: asyncpg.Record) -> Order:
-    return Order(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11])
-
-
-async def load_orders(conn: asyncpg.Connection, keys: Iterable[str]) -> dict[str, Order]:
-    keys = list(set(keys))
-    if not keys:
-        return {}
-    rows = await conn.fetch(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE order_key = ANY($1::text[])", keys)
-    return {r[0]: _order(r) for r in rows}
-
-
 async def lock_accounts(conn: asyncpg.Connection, ids: Iterable[str],
-                        orders: dict[str, Order], *, spend_since: dt.datetime | None,
-                        create: bool = True) -> dict[str, Account]:
-    """Lock (creating when missing) the accounts of `ids` with their open lots and the orders that
-    count for their tier (placed after `spend_since`; every order when it is None)."""
+                        entry_tier: str) -> tuple[dict[str, Account], set[str]]:
+    """Lock the members of `ids` for this transaction and read their accounts; returns the
+    accounts (new, empty ones for ids never seen) and the ids that are new."""
     ids = sorted(set(ids))
-    if not ids:
-        return {}
-    if create:
-        await conn.execute(_ENSURE_ACCOUNTS, ids)
     accounts: dict[str, Account] = {}
+    new: set[str] = set()
+    if not ids:
+        return accounts, new
     for r in await conn.fetch(_LOCK_ACCOUNTS, ids):
-        accounts[r[0]] = Account(r[0], balance=r[1], tier=r[2], trailing_spend=r[3],
-                                 evaluated_at=r[4], review_at=r[5], merged_into=r[6], erased=r[7])
-    for r in await conn.fetch(_OPEN_LOTS, ids):
-        accounts[r[1]].lots.append(Lot(r[0], r[1], r[2], r[3], r[4], r[5], r[6]))
-    if spend_since is None:
-        rows = await conn.fetch(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE owner = ANY($1::text[])", ids)
-    else:
-        rows = await conn.fetch(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE owner = ANY($1::text[]) "
-                                "AND sale_at > $2", ids, spend_since)
+        if r[1] is None:
+            accounts[r[0]] = Account(r[0], tier=entry_tier)
+            new.add(r[0])
+        else:
+            # Spend is carried forward until its window moves; load_orders makes it exact then.
+            accounts[r[0]] = Account(r[0], balance=r[1], tier=r[2], trailing_spend=r[3],
+                                     evaluated_at=r[4], review_at=r[5], merged_into=r[6],
+                                     erased=r[7], spend_exact=False)
+    return accounts, new
+
+
+def _order(r: asyncpg.Record) -> Order:
+    return Order(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13])
+
+
+async def load_orders(conn: asyncpg.Connection, orders: dict[str, Order], *,
+                      keys: Iterable[str] = (), open_for: Iterable[Account] = (),
+                      window_for: Iterable[Account] = (), since: dt.datetime | None = None) -> None:
+    """Into `orders`: the orders with `keys`, the orders holding points of `open_for`, and every
+    order of `window_for` placed after `since` (every order at all when `since` is None); the
+    orders are attached to their owners' accounts, and `window_for` accounts become exact."""
+    open_for, window_for = list(open_for), list(window_for)
+    keys = [k for k in set(keys) if k not in orders]
+    rows = []
+    if keys or open_for or window_for:
+        rows = await conn.fetch(_LOAD_ORDERS, keys, [a.customer_id for a in open_for],
+                                [a.customer_id for a in window_for], since or EVER)
     for r in rows:
-        orders.setdefault(r[0], _order(r))
+        if r[0] not in orders:
+            orders[r[0]] = _order(r)
+    owners = {a.customer_id: a for a in (*open_for, *window_for)}
     for order in orders.values():
-        acct = accounts.get(order.owner)
-        if acct is not None:
+        acct = owners.get(order.owner)
+        if acct is not None and order.order_key not in acct.orders:
             acct.orders[order.order_key] = order
-    return accounts
+            if order.remaining > 0:
+                acct.lots.append(order)
+    for acct in owners.values():
+        acct.lots.sort(key=Order.fifo_key)
+    for acct in window_for:
+        acct.spend_exact = True
 
 
-async def load_moves(conn: asyncpg.Connection, merge_id: str) -> tuple[list[str], list[str]]:
-    rows = await conn.fetch("SELECT item, item_id FROM merge_moves WHERE merge_id = $1 ORDER BY item_id",
+async def load_moves(conn: asyncpg.Connection, merge_id: str) -> list[str]:
+    rows = await conn.fetch("SELECT order_key FROM merge_moves WHERE merge_id = $1 ORDER BY order_key",
                             merge_id)
-    return ([r[1] for r in rows if r[0] == "lot"], [r[1] for r in rows if r[0] == "order"])
+    return [r[0] for r in rows]
 
 
-async def lot_owners(conn: asyncpg.Connection, lot_ids: Sequence[str]) -> set[str]:
-    rows = await conn.fetch("SELECT DISTINCT owner FROM lots WHERE lot_id = ANY($1::text[])", list(lot_ids))
-    return {r[0] for r in rows}
-
-
-async def due_customers(conn: asyncpg.Connection, now: dt.datetime, limit: int) -> list[str]:
-    """Members with lots past expiry or spend leaving the tier window, locked (skipping busy rows)."""
+async def due_customers(conn: asyncpg.Connection, now: dt.datetime, entry_tier: str,
+                        limit: int) -> list[str]:
+    """Members with points past expiry, or a tier whose spend is leaving the window."""
     rows = await conn.fetch(
         "SELECT customer_id FROM accounts WHERE merged_into IS NULL AND "
-        "(next_expiry_at <= $1 OR review_at <= $1) ORDER BY customer_id LIMIT $2 "
-        "FOR UPDATE SKIP LOCKED", now, limit)
+        "(next_expiry_at <= $1 OR (review_at <= $1 AND tier <> $2)) ORDER BY customer_id LIMIT $3",
+        now, entry_tier, limit)
     return [r[0] for r in rows]
 
 
@@ -175,12 +181,6 @@ async def write(conn: asyncpg.Connection, book: Book, codec: AvroCodec,
             [e.event_id for e in es], [e.order_id for e in es], [e.occurred_at for e in es],
             [e.expires_at for e in es],
             [orjson.dumps(e.detail).decode() if e.detail else None for e in es])
-    if book.dirty_lots:
-        ls = list(book.dirty_lots.values())
-        await conn.execute(
-            _UPSERT_LOTS, [x.lot_id for x in ls], [x.owner for x in ls], [x.order_id for x in ls],
-            [x.points for x in ls], [x.remaining for x in ls], [x.earned_at for x in ls],
-            [x.expires_at for x in ls])
     if book.dirty_orders:
         os_ = list(book.dirty_orders.values())
         await conn.execute(
@@ -188,14 +188,14 @@ async def write(conn: asyncpg.Connection, book: Book, codec: AvroCodec,
             [o.owner for o in os_], [o.sale_event_id for o in os_], [o.sale_at for o in os_],
             [o.currency for o in os_], [o.total for o in os_], [o.refunded for o in os_],
             [o.gross_spend for o in os_], [o.spend for o in os_], [o.earned for o in os_],
-            [o.reversed for o in os_])
+            [o.reversed for o in os_], [o.remaining for o in os_], [o.expires_at for o in os_])
     if book.dirty_accounts:
         accts = sorted(book.dirty_accounts.values(), key=lambda a: a.customer_id)
         await conn.execute(
             _UPSERT_ACCOUNTS, [a.customer_id for a in accts], [a.balance for a in accts],
             [a.tier for a in accts], [a.trailing_spend for a in accts],
             [a.evaluated_at for a in accts], [a.review_at for a in accts],
-            [min((lot.expires_at for lot in a.lots), default=None) for a in accts],
+            [a.lots[0].expires_at if a.lots else None for a in accts],
             [a.merged_into for a in accts])
     if book.rejections:
         rs = book.rejections
@@ -208,17 +208,17 @@ async def write(conn: asyncpg.Connection, book: Book, codec: AvroCodec,
     if book.erased:
         await _write_erasures(conn, book)
     if book.notices:
-        await add_to_outbox(conn, [
-            OutboxMessage(topic, n.customer_id, codec.encode(LOYALTY, n.as_record()))
-            for n in book.notices])
+        encode = codec.encode
+        await add_to_outbox(conn, [OutboxMessage(topic, n.customer_id, encode(LOYALTY, n.as_record()))
+                                   for n in book.notices])
 
 
 async def _write_merges(conn: asyncpg.Connection, book: Book) -> None:
     if book.moves:
         await conn.execute(
-            "INSERT INTO merge_moves (merge_id, item, item_id) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
-            [m[0] for m in book.moves], [m[1] for m in book.moves], [m[2] for m in book.moves])
+            "INSERT INTO merge_moves (merge_id, order_key) "
+            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+            [m[0] for m in book.moves], [m[1] for m in book.moves])
     for merged, change in book.alias_changes.items():
         if change is None:
             await conn.execute("DELETE FROM aliases WHERE merged = $1", merged)
@@ -244,8 +244,6 @@ async def _write_erasures(conn: asyncpg.Connection, book: Book) -> None:
     ids = [cid for cid, _ in book.erased]
     at = max(t for _, t in book.erased)
     await conn.execute("UPDATE ledger SET order_id = NULL WHERE customer_id = ANY($1::text[]) "
-                       "AND order_id IS NOT NULL", ids)
-    await conn.execute("UPDATE lots SET order_id = NULL WHERE owner = ANY($1::text[]) "
                        "AND order_id IS NOT NULL", ids)
     await conn.execute("UPDATE orders SET order_id = NULL WHERE owner = ANY($1::text[]) "
                        "AND order_id IS NOT NULL", ids)

@@ -19,7 +19,7 @@ def build(runtime: Runtime) -> FastAPI:
     event_clock = isinstance(runtime.clock, EventClock)
     handler = TriggersHandler(codec=runtime.codec, cfg=cfg, clock=runtime.clock, event_clock=event_clock,
                               save_watermark=runtime.save_watermark, metrics=runtime.metrics,
-                              scan_interval=interval)
+                              scan_interval=interval, partitions=runtime.settings.partitions)
     runtime.consume(list(INPUT_TOPICS), handler)
 
     def pool():

@@ -87,7 +87,9 @@ class CustomerFacts:
     consents: dict[str, str] = field(default_factory=dict)
     preferred_channel: str | None = None
     profile_version: int = -1
+    profile_at: dt.datetime | None = None  # event time of the profile's last change
     # -- from events
+    last_event_at: dt.datetime | None = None  # event time of the last activity folded in
     first_seen_at: dt.datetime | None = None
     signed_up_at: dt.datetime | None = None
     first_purchase_at: dt.datetime | None = None
@@ -163,6 +165,8 @@ def apply_profile(facts: CustomerFacts, profile: dict[str, Any]) -> CustomerFact
     facts.consents = dict(profile.get("consents") or {})
     facts.preferred_channel = profile.get("preferred_channel")
     facts.profile_version = version
+    if profile.get("updated_at") is not None:
+        facts.profile_at = profile["updated_at"]
     return facts
 
 
@@ -189,6 +193,7 @@ def apply_event(facts: CustomerFacts, event: dict[str, Any], money: Money) -> Cu
     props = event.get("properties") or {}
     kind = event["type"]
     facts.first_seen_at = _min(facts.first_seen_at, at)
+    facts.last_event_at = _max(facts.last_event_at, at)
     if kind == "sale":
         _apply_sale(facts, at, props, money)
     elif kind == "return":
@@ -330,6 +335,7 @@ def merge_facts(survivor: CustomerFacts, merged: CustomerFacts,
     """The survivor holding both customers' activity (its own profile part wins)."""
     s, m = survivor, merged
     s.first_seen_at = _opt_min(s.first_seen_at, m.first_seen_at)
+    s.last_event_at = _opt_max(s.last_event_at, m.last_event_at)
     s.signed_up_at = _opt_min(s.signed_up_at, m.signed_up_at)
     s.first_purchase_at = _opt_min(s.first_purchase_at, m.first_purchase_at)
     s.last_purchase_at = _opt_max(s.last_purchase_at, m.last_purchase_at)

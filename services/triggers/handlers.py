@@ -50,6 +50,7 @@ from shared.topics import (
 
 log = logging.getLogger(__name__)
 UTC = dt.UTC
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 INPUT_TOPICS = (IDENTITY_EVENTS, IDENTITY_PROFILES, IDENTITY_MERGES, LOYALTY_EVENTS, INGEST_STORES)
 
 
@@ -101,8 +102,9 @@ class TriggersHandler:
     def __init__(self, *, codec: AvroCodec, cfg: RuleConfig, clock: Clock, event_clock: bool = False,
                  save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
                  metrics: ServiceMetrics | None = None, scan_interval: dt.timedelta | None = None,
-                 topics: dict[str, str] | None = None) -> None:
+                 topics: dict[str, str] | None = None, partitions: int | None = None) -> None:
         self.codec = codec
+        self.partitions = partitions  # of the events topic: an event-clock scan waits for all of them
         # Topic names by role (tests run on topics of their own).
         names = {"events": IDENTITY_EVENTS.name, "profiles": IDENTITY_PROFILES.name,
                  "merges": IDENTITY_MERGES.name, "loyalty": LOYALTY_EVENTS.name,
@@ -190,8 +192,10 @@ class TriggersHandler:
                     deleted.add(cid)
                     continue
                 f = live(cid)
+                late = f.last_event_at
                 apply_profile(f, v)
                 _attach_home_store(f, stores)
+                triggers += self._retro(f, late, v.get("updated_at"), now, R.birthday_coupon)
             elif r.topic == self.t_events:
                 ev, cid = v["event"], alias.get(v["customer_id"], v["customer_id"])
                 if ("identity", ev["event_id"]) not in new:
@@ -203,7 +207,7 @@ class TriggersHandler:
                     continue
                 f = live(cid)
                 # Whatever fell due before this event happened is decided before it is folded.
-                for t in R.time_based(f, ev["occurred_at"], cfg):
+                for t in R.time_based(f, ev["occurred_at"], cfg, self._since(f)):
                     R.mark_fired(f, t)
                     triggers.append(dataclasses.replace(t, fired_at=now))
                 shop = stores.get(ev.get("store_id") or "")
@@ -217,7 +221,9 @@ class TriggersHandler:
                 if ("loyalty", v["event_id"]) not in new:
                     continue
                 f = live(alias.get(v["customer_id"], v["customer_id"]))
+                late = f.last_event_at
                 apply_loyalty(f, v)
+                triggers += self._retro(f, late, v["occurred_at"], now, R.points_expiring)
                 triggers += R.tier_upgrade(f, v, now, cfg)
             elif r.topic == self.t_merges:
                 merges.append(v)
@@ -246,6 +252,24 @@ class TriggersHandler:
             await store.save_watermarks(conn, self._batch_marks)
         if self.save_watermark is not None:
             await self.save_watermark(conn)
+
+    def _since(self, f: CustomerFacts) -> dt.datetime | None:
+        """Event clock: the customer's facts are as they were since its last activity; wall clock: now."""
+        if not self.event_clock:
+            return None
+        return f.last_event_at or EPOCH
+
+    def _retro(self, f: CustomerFacts, latest: dt.datetime | None, at: dt.datetime | None,
+               now: dt.datetime, rule) -> list[Trigger]:
+        """A record from another topic that is older than the customer's latest event: what it would
+        have made due in between is decided now, as if it had been read in event-time order."""
+        if not self.event_clock or latest is None or at is None or at >= latest:
+            return []
+        out = []
+        for t in rule(f, latest, self.cfg, at):
+            R.mark_fired(f, t)
+            out.append(dataclasses.replace(t, fired_at=now))
+        return out
 
     async def _observe(self, conn: asyncpg.Connection, records: Sequence[Record]) -> list[dt.datetime]:
         """Advance the clock by each record's event time; the 'now' each record is judged at.
@@ -285,6 +309,10 @@ class TriggersHandler:
                 await store.move_purchases(conn, merged, survivor)
             else:  # one side's facts are gone (its tombstone came first): fold the stored events
                 facts[survivor] = await self._rederive(conn, survivor, current)
+            merged_facts = facts[survivor]
+            assert merged_facts is not None
+            if merged_facts.last_event_at is None or merged_facts.last_event_at < m["occurred_at"]:
+                merged_facts.last_event_at = m["occurred_at"]
             facts[merged] = None
             touched.discard(merged)
             deleted.add(merged)
@@ -360,7 +388,9 @@ class TriggersHandler:
                 triggers: list[Trigger] = []
                 changed: list[CustomerFacts] = []
                 for f in facts.values():
-                    due = R.time_based(f, now, self.cfg, since)
+                    if self.event_clock and f.last_event_at is not None and f.last_event_at > now:
+                        continue  # its partition is ahead: its own next event or a later scan decides
+                    due = R.time_based(f, now, self.cfg, self._since(f))
                     for t in due:
                         R.mark_fired(f, t)
                     if due:
@@ -371,7 +401,9 @@ class TriggersHandler:
         async with conn.transaction():
             invites: list[Trigger] = []
             for e in await store.pending_store_events(conn, now):
-                invites += await self._invite(conn, e, now)
+                # Judged as of the announcement, whenever the scan got to it.
+                invites += [dataclasses.replace(t, fired_at=now)
+                            for t in await self._invite(conn, e, e["occurred_at"])]
                 await store.mark_invited(conn, e["event_id"], now)
             fired += len(await self.fire(conn, invites))
         if self._scan_seconds is not None:
@@ -385,14 +417,17 @@ class TriggersHandler:
             now = self.clock.now()
             if self.event_clock:
                 # Only as far as every partition has come, so no customer is judged on missing events.
-                low = await store.min_watermark(conn, self.t_events)
+                low = await store.min_watermark(conn, self.t_events, self.partitions)
                 if low is None:
                     return 0
                 now = min(now, low)
             as_of = _floor(now, self.scan_interval)
             if since is not None and as_of <= since:
                 return 0
-            fired = await self.scan(conn, as_of, since=since if self.event_clock else None)
+            # With the event clock, candidates are whatever fell due since the previous scan (from the
+            # start of time on the first); in wall time, what is due now within its lateness.
+            chain = (since or EPOCH) if self.event_clock else None
+            fired = await self.scan(conn, as_of, since=chain)
             await store.save_scan(conn, as_of)
             return fired
 

@@ -1,10 +1,13 @@
 """The trigger rules of CONTRACTS §5: pure functions from facts (+ the event) and a time to triggers.
 
 Time-based rules are due-based: each trigger has a due instant derived from the facts alone
-(a birthday's local midnight three days before, a cart's last activity + 60 minutes, ...), and
-fires when evaluated at `as_of >= due`, if it is not stale (`as_of - due` within the kind's
-lateness) or the due instant passed since the previous scan (`since`). Because the decision does
-not depend on when the scan happened to run, replaying the same input fires the same trigger ids.
+(a birthday's local midnight three days before, a cart's last activity + 60 minutes, ...) and a
+lateness after which it is stale. Evaluated at `as_of`, a trigger fires when some instant of
+[since, as_of] lies in [due, due + lateness], where `since` is the customer's last activity
+(event clock; for birthdays the later of that and the profile's change) or `as_of` itself
+(wall clock). Facts are constant between a customer's
+events, so this is exactly "a scan at some moment would have fired it", whenever scans ran:
+replaying the same input fires the same trigger ids.
 """
 
 from __future__ import annotations
@@ -186,9 +189,13 @@ def local_midnight(day: dt.date, tz: ZoneInfo) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(0), tzinfo=tz).astimezone(UTC)
 
 
+def _start(as_of: dt.datetime, since: dt.datetime | None) -> dt.datetime:
+    return as_of if since is None or since > as_of else since
+
+
 def _is_due(due: dt.datetime, as_of: dt.datetime, since: dt.datetime | None,
             lateness: dt.timedelta) -> bool:
-    return due <= as_of and (as_of - due <= lateness or (since is not None and due > since))
+    return due <= as_of and due + lateness >= _start(as_of, since)
 
 
 # -- time-based rules ----------------------------------------------------------------------------
@@ -210,15 +217,18 @@ def birthday_coupon(facts: CustomerFacts, as_of: dt.datetime, cfg: RuleConfig,
     md = facts.birthday_month_day
     if md is None:
         return []
+    if since is not None and facts.profile_at is not None and facts.profile_at > since:
+        since = facts.profile_at  # the birthday is known from the profile's change on
     tz = customer_zone(facts, cfg)
     today = as_of.astimezone(tz).date()
+    first_year = _start(as_of, since).astimezone(tz).year - 1
     out: list[Trigger] = []
-    for year in (today.year - 1, today.year, today.year + 1):
+    for year in range(first_year, today.year + 2):
         bday = birthday_on(year, *md)
         start = bday - dt.timedelta(days=cfg.birthday_days_before)
         due = local_midnight(start, tz)
         end = local_midnight(bday + dt.timedelta(days=1), tz)
-        if not (due <= as_of and (as_of < end or (since is not None and due > since))):
+        if not (due <= as_of and end > _start(as_of, since)):
             continue
         if facts.birthday_fired_for is not None and facts.birthday_fired_for >= year:
             continue
@@ -327,7 +337,7 @@ def points_expiring(facts: CustomerFacts, as_of: dt.datetime, cfg: RuleConfig,
     tz = customer_zone(facts, cfg)
     months: dict[str, list] = {}
     for lot in facts.lots:
-        if lot.points > 0 and lot.expires_at > as_of:
+        if lot.points > 0 and lot.expires_at > _start(as_of, since):
             months.setdefault(lot.expires_at.astimezone(tz).strftime("%Y-%m"), []).append(lot)
     out: list[Trigger] = []
     for month in sorted(months):
@@ -335,7 +345,7 @@ def points_expiring(facts: CustomerFacts, as_of: dt.datetime, cfg: RuleConfig,
         points = sum(lot.points for lot in lots)
         first = min(lot.expires_at for lot in lots)
         due = first - dt.timedelta(days=cfg.points_days_before)
-        if points < cfg.points_min or not due <= as_of < first:
+        if points < cfg.points_min or not (due <= as_of and first > _start(as_of, since)):
             continue
         out.append(make_trigger("points_expiring", facts.customer_id, month, as_of, context={
             "points": points, "expires_at": first.isoformat(),

@@ -38,7 +38,8 @@ async def load_facts(conn: asyncpg.Connection, ids: Iterable[str], *,
             timezone=r["timezone"], home_store_id=r["home_store_id"], city=r["city"],
             country=r["country"], lat=r["lat"], lon=r["lon"], tags=list(r["tags"]),
             consents=dict(r["consents"] or {}), preferred_channel=r["preferred_channel"],
-            profile_version=r["profile_version"], first_seen_at=r["first_seen_at"],
+            profile_version=r["profile_version"], profile_at=r["profile_at"], last_event_at=r["last_event_at"],
+            first_seen_at=r["first_seen_at"],
             signed_up_at=r["signed_up_at"], first_purchase_at=r["first_purchase_at"],
             last_purchase_at=r["last_purchase_at"], orders_count=r["orders_count"],
             lifetime_spend=r["lifetime_spend"], tier=r["tier"], tier_at=r["tier_at"],
@@ -65,17 +66,18 @@ async def load_facts(conn: asyncpg.Connection, ids: Iterable[str], *,
 _UPSERT_FACTS = """
 INSERT INTO customer_facts (customer_id, birthday, birthday_month, birthday_day, locale, timezone,
     home_store_id, city, country, lat, lon, tags, consents, consented_channels, preferred_channel,
-    profile_version, first_seen_at, signed_up_at, first_purchase_at, last_purchase_at, orders_count,
+    profile_version, profile_at, last_event_at, first_seen_at, signed_up_at, first_purchase_at, last_purchase_at, orders_count,
     lifetime_spend, tier, tier_at, winback_due_at, winback_fired_for, birthday_fired_for, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-        $21, $22, $23, $24, $25, $26, $27, now())
+        $21, $22, $23, $24, $25, $26, $27, $28, $29, now())
 ON CONFLICT (customer_id) DO UPDATE SET
     birthday = EXCLUDED.birthday, birthday_month = EXCLUDED.birthday_month,
     birthday_day = EXCLUDED.birthday_day, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone,
     home_store_id = EXCLUDED.home_store_id, city = EXCLUDED.city, country = EXCLUDED.country,
     lat = EXCLUDED.lat, lon = EXCLUDED.lon, tags = EXCLUDED.tags, consents = EXCLUDED.consents,
     consented_channels = EXCLUDED.consented_channels, preferred_channel = EXCLUDED.preferred_channel,
-    profile_version = EXCLUDED.profile_version, first_seen_at = EXCLUDED.first_seen_at,
+    profile_version = EXCLUDED.profile_version, profile_at = EXCLUDED.profile_at, last_event_at = EXCLUDED.last_event_at,
+    first_seen_at = EXCLUDED.first_seen_at,
     signed_up_at = EXCLUDED.signed_up_at, first_purchase_at = EXCLUDED.first_purchase_at,
     last_purchase_at = EXCLUDED.last_purchase_at, orders_count = EXCLUDED.orders_count,
     lifetime_spend = EXCLUDED.lifetime_spend, tier = EXCLUDED.tier, tier_at = EXCLUDED.tier_at,
@@ -90,7 +92,7 @@ def _facts_row(f: CustomerFacts, cfg: RuleConfig) -> tuple:
     return (f.customer_id, f.birthday, md[0] if md else None, md[1] if md else None, f.locale,
             f.timezone, f.home_store_id, f.city, (f.country or "").upper() or None, f.lat, f.lon,
             list(f.tags), dict(f.consents), f.consented_channels, f.preferred_channel,
-            f.profile_version, f.first_seen_at, f.signed_up_at, f.first_purchase_at,
+            f.profile_version, f.profile_at, f.last_event_at, f.first_seen_at, f.signed_up_at, f.first_purchase_at,
             f.last_purchase_at, f.orders_count, f.lifetime_spend, f.tier, f.tier_at, due,
             f.winback_fired_for, f.birthday_fired_for)
 
@@ -327,8 +329,13 @@ async def save_watermarks(conn: asyncpg.Connection, marks: dict[tuple[str, int],
             [k[0] for k in keys], [k[1] for k in keys], [marks[k] for k in keys])
 
 
-async def min_watermark(conn: asyncpg.Connection, topic: str) -> dt.datetime | None:
-    return await conn.fetchval("SELECT min(watermark) FROM partition_watermarks WHERE topic = $1", topic)
+async def min_watermark(conn: asyncpg.Connection, topic: str, partitions: int | None = None) -> dt.datetime | None:
+    """How far every partition of `topic` has come; None until each of `partitions` has been seen."""
+    row = await conn.fetchrow(
+        "SELECT min(watermark) AS low, count(*) AS n FROM partition_watermarks WHERE topic = $1", topic)
+    if row["n"] == 0 or (partitions is not None and row["n"] < partitions):
+        return None
+    return row["low"]
 
 
 async def last_scan(conn: asyncpg.Connection, name: str = "scan") -> dt.datetime | None:

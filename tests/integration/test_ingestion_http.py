@@ -73,16 +73,20 @@ async def _skip_existing_raw_records(database: str, broker: str, schema: str, gr
 
 @contextlib.asynccontextmanager
 async def running(broker: str, database: str, unique: str, *, shopify_secret: str | None = SHOPIFY_SECRET,
-                  config: IngestionConfig | None = None) -> AsyncIterator[Service]:
-    """An ingestion Runtime on its own schema and raw-consumer group, running until the block ends."""
-    schema, group = f"ingestion_{unique}", f"ingestion-test-{unique}"
+                  group: str | None = None) -> AsyncIterator[Service]:
+    """An ingestion Runtime on its own schema and raw-consumer group, running until the block ends.
+
+    A fresh group per start: a group whose member just left makes the broker wait out the old
+    session before the new member joins, which costs a test ten seconds for nothing.
+    """
+    schema, group = f"ingestion_{unique}", group or f"ingestion-test-{unique}-{uuid.uuid4().hex[:6]}"
     settings = Settings(kafka_bootstrap_servers=broker, database_url=database, api_keys=KEYS,
                         shopify_webhook_secret=shopify_secret, partitions=4)
     from shared.kafka import ensure_topics
     await ensure_topics(broker, 4)
     await _skip_existing_raw_records(database, broker, schema, group)
     runtime = Runtime("ingestion", settings, migrations=MIGRATIONS, schema=schema, pool_size=4)
-    app = build(runtime, config or IngestionConfig(rate_limit_per_second=0, raw_group=group))
+    app = build(runtime, IngestionConfig(rate_limit_per_second=0, raw_group=group))
     task = asyncio.create_task(runtime.run(None))
 
     async def started() -> bool:
@@ -103,9 +107,10 @@ async def running(broker: str, database: str, unique: str, *, shopify_secret: st
             loop.remove_signal_handler(sig)
 
 
-@pytest.fixture
-async def svc(broker, database, unique) -> AsyncIterator[Service]:
-    async with running(broker, database, unique) as service:
+@pytest.fixture(scope="module")
+async def svc(broker, database) -> AsyncIterator[Service]:
+    """One running service for the tests of this module (each uses its own event ids)."""
+    async with running(broker, database, uuid.uuid4().hex[:8]) as service:
         yield service
 
 

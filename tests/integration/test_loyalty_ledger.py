@@ -240,7 +240,6 @@ async def test_erasure_keeps_amounts_and_drops_order_references(loyalty):
     assert await loyalty.balance(gus) == 100
     refs = await loyalty.pool.fetch(
         "SELECT order_id FROM ledger WHERE customer_id = $1 UNION ALL "
-        "SELECT order_id FROM lots WHERE owner = $1 UNION ALL "
         "SELECT order_id FROM orders WHERE owner = $1", gus)
     assert refs and all(r["order_id"] is None for r in refs)
     assert (await loyalty.account(gus))["erased_at"] is not None

@@ -53,7 +53,12 @@ def _offset(at: dt.datetime, tz: str) -> int:
 
 
 def world(seed: int = 7, customers: int = 60, days: int = 30) -> list[tuple[str, str, dict]]:
-    """(role, key, value) records of a small retailer's month, in event-time order."""
+    """(role, key, value) records of a small retailer's month, in event-time order.
+
+    Merges are left out: a merge arrives on its own topic, and which of the merged customer's
+    earlier events a consumer reads before it is a race that no replay can pin down (the merge
+    behaviour has its own tests).
+    """
     rng = random.Random(seed)
     out: list[tuple[dt.datetime, int, str, str, dict]] = []
     seq = iter(range(10**9))
@@ -126,9 +131,6 @@ def world(seed: int = 7, customers: int = 60, days: int = 30) -> list[tuple[str,
          "received_at": ev_at, "source": "admin", "store_id": "soho", "customer": {}, "properties": {
              "store_id": "soho", "title": "Spring tasting", "starts_at": ev_at + dt.timedelta(days=3), "radius_km": 10.0}}
     add(ev_at, "stores", "soho", for_encoding(e))
-    merge_at = START + dt.timedelta(days=15)
-    add(merge_at, "merges", "c000", {"merge_id": "mg-1", "kind": "merged", "survivor": "c000", "merged": "c001",
-                                     "reason": "shared email", "occurred_at": merge_at})
     out.sort(key=lambda x: (x[0], x[1]))
     return [(role, key, value) for _, _, role, key, value in out]
 
@@ -170,7 +172,7 @@ ROLES = {"events": "identity.events.v1", "profiles": "identity.profiles.v1", "me
 
 async def replay_in_process(database: str, schema: str, items, seed: int, max_batch: int) -> set[str]:
     pool = await setup_database(database, schema, MIGRATIONS)
-    handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=EventClock(), event_clock=True)
+    handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=EventClock(), event_clock=True, partitions=PARTITIONS)
     rng = random.Random(seed)
     try:
         for batch in interleave(as_records(items, ROLES), rng, max_batch):
@@ -214,7 +216,8 @@ async def _replay_on_broker(broker: str, database: str, schema: str, topics: dic
     await ensure_topics(broker, PARTITIONS, [*inputs[:4], fired_topic, dlq])
     await ensure_topics(broker, 1, [inputs[4]])
     pool = await setup_database(database, schema, MIGRATIONS, max_size=4)
-    handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=EventClock(), event_clock=True, topics=topics)
+    handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=EventClock(), event_clock=True, topics=topics,
+                              partitions=PARTITIONS)
     producer = make_producer(broker, f"trg-{schema}")
     await producer.start()
     relay = OutboxRelay(pool, producer, schema)

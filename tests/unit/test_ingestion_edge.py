@@ -6,8 +6,10 @@ import pytest
 
 from services.ingestion.api import is_json_media
 from services.ingestion.config import IngestionConfig
+from services.ingestion.handlers import decode_raw
 from services.ingestion.ratelimit import TokenBuckets, retry_after_header
-from shared.errors import ConfigError
+from shared.errors import ConfigError, PermanentError
+from shared.topics import INGEST_RAW
 
 
 def test_bucket_allows_a_burst_then_refills_at_the_rate():
@@ -60,3 +62,17 @@ def test_rate_limit_setting():
     for bad in ("fast", "-1", "inf", "nan"):
         with pytest.raises(ConfigError, match="OMNICRM_RATE_LIMIT_PER_SECOND"):
             IngestionConfig.from_env({"OMNICRM_RATE_LIMIT_PER_SECOND": bad})
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    (None, "malformed_json"), (b"", "malformed_json"), (b"{not json", "malformed_json"),
+    (b"\xff\xfe", "malformed_json"), (b"[" * 40 + b"]" * 40, "too_deep"),
+])
+def test_raw_decoder_dead_letters_what_is_not_json(value, reason):
+    with pytest.raises(PermanentError) as info:
+        decode_raw(INGEST_RAW, value)
+    assert info.value.reason == reason
+
+
+def test_raw_decoder_reads_json():
+    assert decode_raw(INGEST_RAW, b'{"event_id": "e"}') == {"event_id": "e"}

@@ -83,6 +83,7 @@ def check_invariants(book: Book) -> None:
         assert acct.balance == ledger.get(cid, 0), cid
         assert acct.balance == sum(lot.remaining for lot in acct.lots), cid
         assert all(lot.owner == cid and lot.remaining > 0 for lot in acct.lots)
+        assert all(acct.orders.get(lot.order_key) is lot for lot in acct.lots)
     # No points from nothing: what members hold never exceeds what their orders earned.
     earned = sum(o.earned for o in book.orders.values())
     assert sum(a.balance for a in book.accounts.values()) <= earned
@@ -91,7 +92,7 @@ def check_invariants(book: Book) -> None:
 
 def state(book: Book, at: dt.datetime) -> dict:
     return {cid: (a.balance, a.tier, R.trailing_spend(a.orders.values(), at, RULES.window),
-                  sorted((lot.lot_id, lot.remaining) for lot in a.lots), a.merged_into)
+                  sorted((lot.order_key, lot.remaining) for lot in a.lots), a.merged_into)
             for cid, a in book.accounts.items() if a.balance or a.lots or a.orders or a.merged_into}
 
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from services.loyalty import rules as R
-from services.loyalty.ledger import Lot, Order
+from services.loyalty.ledger import Order
 from shared.rules import load_rules
 
 RULES = R.LoyaltyRules.from_config(load_rules())
@@ -19,11 +19,12 @@ def order(total: int, currency: str = "USD", **kw) -> Order:
     earned = R.points_for(RULES, total, currency)
     gross = R.to_base_minor(RULES, total, currency)
     return Order("k", "o", "c", "e", T0, currency, total, kw.get("refunded", 0), gross, gross,
-                 earned, kw.get("reversed", 0))
+                 earned, kw.get("reversed", 0), earned, T0 + RULES.expiry)
 
 
-def lot(lot_id: str, remaining: int, days: int) -> Lot:
-    return Lot(lot_id, "c", None, remaining, remaining, T0, T0 + dt.timedelta(days=days))
+def lot(key: str, remaining: int, days: int) -> Order:
+    return Order(key, None, "c", f"e-{key}", T0, "USD", remaining * 100, 0, remaining * 100,
+                 remaining * 100, remaining, 0, remaining, T0 + dt.timedelta(days=days))
 
 
 def test_currency_precision_comes_from_babel():
@@ -99,16 +100,16 @@ def test_net_spend_after_returns():
 def test_consume_takes_oldest_first_or_the_preferred_lot_first():
     lots = [lot("a", 10, 10), lot("b", 10, 20), lot("c", 10, 30)]
     taken = R.consume(lots, 15)
-    assert [(x.lot_id, n) for x, n in taken] == [("a", 10), ("b", 5)]
+    assert [(x.order_key, n) for x, n in taken] == [("a", 10), ("b", 5)]
     taken = R.consume(lots, 12, prefer="c")
-    assert [(x.lot_id, n) for x, n in taken] == [("c", 10), ("b", 2)]
+    assert [(x.order_key, n) for x, n in taken] == [("c", 10), ("b", 2)]
     with pytest.raises(ValueError):
         R.consume(lots, 100)
 
 
 def test_due_lots_and_window_exit():
     lots = [lot("b", 5, 20), lot("a", 5, 10), lot("z", 0, 1)]
-    assert [x.lot_id for x in R.due_lots(lots, T0 + dt.timedelta(days=20))] == ["a", "b"]
+    assert [x.order_key for x in R.due_lots(lots, T0 + dt.timedelta(days=20))] == ["a", "b"]
     o1, o2 = order(100_00), order(50_00)
     o2.sale_at = T0 + dt.timedelta(days=100)
     assert R.trailing_spend([o1, o2], T0 + dt.timedelta(days=200), RULES.window) == 150_00

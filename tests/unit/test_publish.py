@@ -12,7 +12,6 @@ from shared.generator import MALFORMED, generate, to_jsonl_line
 from shared.publish import Pacer, PublishError, publish_http, read_jsonl, write_jsonl
 
 
-
 def events(n: int) -> list[dict]:
     base = dt.datetime(2026, 3, 2, tzinfo=dt.UTC)
     return [{"event_id": f"e{i}", "type": "page_view",

@@ -1,5 +1,5 @@
--- The loyalty schema: an append-only ledger, the lots and orders it is derived from, and one
--- summary row per member kept in the same transaction as the entries.
+-- The loyalty schema: an append-only ledger, the orders (with the points lot each earned) it is
+-- derived from, and one summary row per member written in the same transaction as the entries.
 
 CREATE TABLE IF NOT EXISTS accounts (
     customer_id     text PRIMARY KEY,
@@ -7,8 +7,8 @@ CREATE TABLE IF NOT EXISTS accounts (
     tier            text        NOT NULL DEFAULT 'member',
     trailing_spend  bigint      NOT NULL DEFAULT 0,   -- base minor units, as of evaluated_at
     evaluated_at    timestamptz,
-    review_at       timestamptz,                      -- spend next leaves the tier window
-    next_expiry_at  timestamptz,                      -- earliest open lot expiry
+    review_at       timestamptz,                      -- when spend next leaves the tier window
+    next_expiry_at  timestamptz,                      -- earliest expiry of points held
     merged_into     text,
     erased_at       timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
@@ -18,35 +18,26 @@ CREATE INDEX IF NOT EXISTS accounts_expiry_due ON accounts (next_expiry_at) WHER
 CREATE INDEX IF NOT EXISTS accounts_review_due ON accounts (review_at) WHERE review_at IS NOT NULL;
 
 -- Append-only: rows are only ever inserted (erasure nulls order_id, nothing else changes).
+-- entry_id is derived from (event_id, kind), so the primary key also makes it unique.
 CREATE TABLE IF NOT EXISTS ledger (
-    seq             bigserial PRIMARY KEY,
-    entry_id        uuid        NOT NULL UNIQUE,
-    customer_id     text        NOT NULL,
+    event_id        text        NOT NULL,
     kind            text        NOT NULL CHECK (kind IN ('earn', 'redeem', 'reverse', 'expire', 'merge_in', 'adjust')),
+    seq             bigint      GENERATED ALWAYS AS IDENTITY,
+    entry_id        uuid        NOT NULL,
+    customer_id     text        NOT NULL,
     points          bigint      NOT NULL,
     balance_after   bigint      NOT NULL CHECK (balance_after >= 0),
-    event_id        text        NOT NULL,
     order_id        text,
     occurred_at     timestamptz NOT NULL,
     expires_at      timestamptz,
     detail          jsonb,
     recorded_at     timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (event_id, kind)
+    PRIMARY KEY (event_id, kind)
 );
 CREATE INDEX IF NOT EXISTS ledger_by_customer ON ledger (customer_id, occurred_at DESC, seq DESC);
 
--- Points of one earn, consumed oldest-expiry first; owner moves with merges.
-CREATE TABLE IF NOT EXISTS lots (
-    lot_id      text PRIMARY KEY,
-    owner       text        NOT NULL,
-    order_id    text,
-    points      bigint      NOT NULL,
-    remaining   bigint      NOT NULL CHECK (remaining >= 0),
-    earned_at   timestamptz NOT NULL,
-    expires_at  timestamptz NOT NULL
-);
-CREATE INDEX IF NOT EXISTS lots_open ON lots (owner, expires_at) WHERE remaining > 0;
-
+-- One row per sale: its net spend for the tier window and its lot of points (consumed oldest
+-- expiry first); owner moves with merges.
 CREATE TABLE IF NOT EXISTS orders (
     order_key       text PRIMARY KEY,       -- digest of order_id, kept after erasure
     order_id        text,                   -- dropped on erasure
@@ -59,11 +50,14 @@ CREATE TABLE IF NOT EXISTS orders (
     gross_spend     bigint      NOT NULL,
     spend           bigint      NOT NULL,
     earned          bigint      NOT NULL,
-    reversed        bigint      NOT NULL DEFAULT 0
+    reversed        bigint      NOT NULL DEFAULT 0,
+    remaining       bigint      NOT NULL CHECK (remaining >= 0),
+    expires_at      timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS orders_by_owner ON orders (owner, sale_at);
+CREATE INDEX IF NOT EXISTS orders_open_lots ON orders (owner) WHERE remaining > 0;
 
--- Commands applied (event ids, merge:<id>, unmerge:<id>): re-delivery is a no-op.
+-- Returns and merges applied (sales are keyed by their order): re-delivery is a no-op.
 CREATE TABLE IF NOT EXISTS processed (
     key     text PRIMARY KEY
 );
@@ -91,12 +85,11 @@ CREATE TABLE IF NOT EXISTS merges (
     points_out   bigint
 );
 
--- What each merge moved, so an unmerge moves exactly that back.
+-- The orders each merge moved, so an unmerge moves exactly those back.
 CREATE TABLE IF NOT EXISTS merge_moves (
-    merge_id  text NOT NULL,
-    item      text NOT NULL CHECK (item IN ('lot', 'order')),
-    item_id   text NOT NULL,
-    PRIMARY KEY (merge_id, item, item_id)
+    merge_id   text NOT NULL,
+    order_key  text NOT NULL,
+    PRIMARY KEY (merge_id, order_key)
 );
 
 -- merged-away customer -> the customer it was merged into (one edge per merge).

@@ -17,6 +17,8 @@ CREATE TABLE IF NOT EXISTS customer_facts (
     consented_channels text[]  NOT NULL DEFAULT '{}',
     preferred_channel  text,
     profile_version    bigint  NOT NULL DEFAULT -1,
+    profile_at         timestamptz,
+    last_event_at      timestamptz,                  -- when the facts last changed (event time)
     first_seen_at      timestamptz,
     signed_up_at       timestamptz,
     first_purchase_at  timestamptz,
