@@ -30,7 +30,15 @@ from shared.publish import (
     publish_kafka,
     write_jsonl,
 )
-from shared.stack import Broker, Postgres, StackError, child_env, create_database, port_is_free
+from shared.stack import (
+    Broker,
+    Postgres,
+    StackError,
+    child_env,
+    create_database,
+    drop_database,
+    port_is_free,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="omnicrm: real-time customer engagement for omnichannel retailers.")
@@ -135,10 +143,17 @@ def up(no_traffic: bool = typer.Option(False, "--no-traffic", help="start idle, 
         if dsn is None:
             _say("starting embedded PostgreSQL ...")
             stack.postgres = Postgres(home=home).start()
+            if stack.broker is not None:
+                # The embedded broker starts empty: offsets and state kept from an earlier run
+                # would point past its end, so the demo database starts empty too.
+                asyncio.run(drop_database(stack.postgres.dsn, "omnicrm"))
             dsn = asyncio.run(create_database(stack.postgres.dsn, "omnicrm"))
         else:
             stack.postgres = None
             Postgres(dsn=dsn).start()
+            if stack.broker is not None:
+                _say("note: the embedded broker starts empty; use a fresh DATABASE_URL database "
+                     "(offsets kept from an earlier run would point past its end)")
         asyncio.run(ensure_topics(bootstrap, settings.partitions))
         env = child_env(KAFKA_BOOTSTRAP_SERVERS=bootstrap, DATABASE_URL=dsn, PYTHONUNBUFFERED="1")
         services = available_services()

@@ -97,6 +97,13 @@ def _unavailable(exc: Unavailable) -> ApiError:
                     "retry the same request", headers={"Retry-After": "1"})
 
 
+class _Json(JSONResponse):
+    """orjson-rendered JSON: a 1000-event answer is rendered in a fraction of the stdlib's time."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 def _answer(outcome: Outcome, batch: bool, ok_status: int = 202) -> JSONResponse:
     body = outcome.as_json()
     if outcome.all_rejected:
@@ -106,9 +113,9 @@ def _answer(outcome: Outcome, batch: bool, ok_status: int = 202) -> JSONResponse
             for e in r.errors:
                 path = f"{prefix}.{e['field']}" if prefix and e["field"] else (prefix or e["field"])
                 details.append({"field": path, "message": e["message"]})
-        return JSONResponse({"error": "validation", "message": "every event was rejected",
-                             "details": details, **body}, status_code=422)
-    return JSONResponse(body, status_code=ok_status)
+        return _Json({"error": "validation", "message": "every event was rejected",
+                      "details": details, **body}, status_code=422)
+    return _Json(body, status_code=ok_status)
 
 
 def build_router(ingestor: Ingestor, config: IngestionConfig, *, shopify_secret: str | None,
@@ -148,7 +155,8 @@ def build_router(ingestor: Ingestor, config: IngestionConfig, *, shopify_secret:
                            [{"field": exc.field, "message": exc.message}]) from None
         limit(key.name, len(items))
         checked = ingestor.validate(items, key.name)
-        raws = [orjson.dumps(item) for item in items] if batch else [body]
+        # The DLQ keeps each rejected event's own bytes; accepted ones need none.
+        raws = [b"" if v.ok else (orjson.dumps(item) if batch else body) for v, item in zip(checked, items, strict=True)]
         try:
             outcome = await ingestor.publish(checked, raws, source=key.name,
                                              source_topic=f"http:{EVENTS_ROUTE}", via="http")

@@ -50,8 +50,8 @@ _LOCALE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*$")
 _BIRTHDAY = re.compile(r"^(\d{4}|-)-(\d{2})-(\d{2})$")
 _SAFE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # C0 controls and DEL; free text may keep tab and newlines, identifiers may not.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_CONTROL_STRICT = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_CONTROL_STRICT = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 class _Errors:
@@ -120,52 +120,78 @@ def parse_datetime(text: str) -> dt.datetime | None:
         return None
 
 
-def _format(kind: str, value: str, path: str, errs: _Errors) -> Any:
-    """Check a string against an `omnicrm.format`; returns the (normalised) value or _BAD."""
-    if kind == "currency":
-        code = value.upper()
-        if len(code) != 3 or code not in _currencies():
-            return errs.add(path, "must be an ISO 4217 currency code such as USD")
-        return code
-    if kind == "country":
-        code = value.upper()
-        if len(code) != 2 or code not in _countries():
-            return errs.add(path, "must be an ISO 3166-1 alpha-2 country code such as US")
-        return code
-    if kind == "timezone":
-        if value not in _timezones():
-            return errs.add(path, "must be an IANA time zone such as Asia/Shanghai")
-        return value
-    if kind == "locale":
-        tag = value.replace("_", "-")
-        if not _LOCALE.match(tag) or not _known_locale(tag):
-            return errs.add(path, "must be a BCP 47 language tag such as en, zh-Hans or zh-Hant")
-        return tag
-    if kind == "birthday":
-        m = _BIRTHDAY.match(value)
-        if m:
-            year = 2000 if m.group(1) == "-" else int(m.group(1))  # 2000: Feb 29 exists
-            try:
-                dt.date(year, int(m.group(2)), int(m.group(3)))
-                return value
-            except ValueError:
-                pass
-        return errs.add(path, "must be YYYY-MM-DD or --MM-DD")
-    if kind == "email":
-        if len(value) > 254 or not _EMAIL.match(value):
-            return errs.add(path, "is not an email address")
-        return value
-    if kind == "phone":
-        digits = sum(c.isdigit() for c in value)
-        if not _PHONE_CHARS.match(value) or not 6 <= digits <= 15:
-            return errs.add(path, "is not a phone number (digits, spaces, + - . ( ) only; 6 to 15 digits)")
-        return value
-    if kind == "datetime":
-        parsed = parse_datetime(value)
-        if parsed is None:
-            return errs.add(path, "must be an RFC 3339 date-time with a UTC offset, e.g. 2026-11-22T10:15:00+08:00")
-        return parsed
-    raise ValueError(f"unknown omnicrm.format {kind!r} in the schema")
+def _currency(value: str, path: str, errs: _Errors) -> Any:
+    code = value.upper()
+    if len(code) != 3 or code not in _currencies():
+        return errs.add(path, "must be an ISO 4217 currency code such as USD")
+    return code
+
+
+def _country(value: str, path: str, errs: _Errors) -> Any:
+    code = value.upper()
+    if len(code) != 2 or code not in _countries():
+        return errs.add(path, "must be an ISO 3166-1 alpha-2 country code such as US")
+    return code
+
+
+def _timezone(value: str, path: str, errs: _Errors) -> Any:
+    if value not in _timezones():
+        return errs.add(path, "must be an IANA time zone such as Asia/Shanghai")
+    return value
+
+
+def _locale(value: str, path: str, errs: _Errors) -> Any:
+    tag = value.replace("_", "-")
+    if not _LOCALE.match(tag) or not _known_locale(tag):
+        return errs.add(path, "must be a BCP 47 language tag such as en, zh-Hans or zh-Hant")
+    return tag
+
+
+def _birthday(value: str, path: str, errs: _Errors) -> Any:
+    m = _BIRTHDAY.match(value)
+    if m:
+        year = 2000 if m.group(1) == "-" else int(m.group(1))  # 2000: Feb 29 exists
+        try:
+            dt.date(year, int(m.group(2)), int(m.group(3)))
+            return value
+        except ValueError:
+            pass
+    return errs.add(path, "must be YYYY-MM-DD or --MM-DD")
+
+
+def _email(value: str, path: str, errs: _Errors) -> Any:
+    if len(value) > 254 or not _EMAIL.match(value):
+        return errs.add(path, "is not an email address")
+    return value
+
+
+def _phone(value: str, path: str, errs: _Errors) -> Any:
+    digits = sum(c.isdigit() for c in value)
+    if not _PHONE_CHARS.match(value) or not 6 <= digits <= 15:
+        return errs.add(path, "is not a phone number (digits, spaces, + - . ( ) only; 6 to 15 digits)")
+    return value
+
+
+def _datetime(value: str, path: str, errs: _Errors) -> Any:
+    parsed = parse_datetime(value)
+    if parsed is None:
+        return errs.add(path, "must be an RFC 3339 date-time with a UTC offset, e.g. 2026-11-22T10:15:00+08:00")
+    return parsed
+
+
+# `omnicrm.format` -> check and normalise; a format the schema names but this table lacks fails
+# when the schema is compiled, not on the first event.
+FORMATS: dict[str, Callable[[str, str, _Errors], Any]] = {
+    "currency": _currency, "country": _country, "timezone": _timezone, "locale": _locale,
+    "birthday": _birthday, "email": _email, "phone": _phone, "datetime": _datetime,
+}
+
+
+def _formatter(kind: str) -> Callable[[str, str, _Errors], Any]:
+    try:
+        return FORMATS[kind]
+    except KeyError:
+        raise ValueError(f"unknown omnicrm.format {kind!r} in the schema") from None
 
 
 # -- compiled checkers ---------------------------------------------------------------------------
@@ -184,12 +210,11 @@ def _string_checker(attrs: dict[str, Any], identifier: bool) -> Checker:
         if not isinstance(value, str):
             return errs.add(path, "must be a string")
         value = value.strip()
-        if control.search(value):
+        bad = control.search(value)
+        if bad:
+            if "\ud800" <= bad.group() <= "\udfff":
+                return errs.add(path, "must be valid Unicode text")
             return errs.add(path, "must not contain control characters")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return errs.add(path, "must be valid Unicode text")
         if low is not None and len(value) < low:
             return errs.add(path, f"must be at least {low} characters" if low > 1 else "must not be empty")
         if high is not None and len(value) > high:
@@ -197,9 +222,10 @@ def _string_checker(attrs: dict[str, Any], identifier: bool) -> Checker:
         if allowed is not None and value not in allowed:
             return errs.add(path, f"must be one of {', '.join(allowed)}")
         if fmt is not None:
-            return _format(fmt, value, path, errs)
+            return formatter(value, path, errs)
         return value
 
+    formatter = _formatter(fmt) if fmt is not None else None
     return check
 
 
@@ -264,7 +290,7 @@ def _timestamp_checker(attrs: dict[str, Any]) -> Checker:
     def check(value: Any, path: str, errs: _Errors, currency: str | None) -> Any:
         if not isinstance(value, str):
             return errs.add(path, "must be an RFC 3339 date-time string")
-        return _format("datetime", value.strip(), path, errs)
+        return _datetime(value.strip(), path, errs)
 
     return check
 
@@ -322,7 +348,7 @@ def _map_checker(values: Checker, attrs: dict[str, Any]) -> Checker:
     return check
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Field:
     name: str
     check: Checker
@@ -340,10 +366,19 @@ class _RecordChecker:
                  identifier_fields: bool = False) -> None:
         self.full_name = _full_name(schema)
         fields = [_compile_field(f, names, identifier_fields) for f in schema["fields"]]
-        # The currency field is checked first so money fields of the record (and its children) use it.
-        self.fields = sorted(fields, key=lambda f: not f.is_currency)
         self.known = frozenset(f.name for f in fields)
+        # The currency field is checked first so money fields of the record (and its children) use it.
+        self.fields = tuple(sorted((f for f in fields if not f.derived), key=lambda f: not f.is_currency))
         self.has_currency = any(f.is_currency for f in fields)
+        self._paths: dict[str, tuple[str, ...]] = {}
+
+    def _subpaths(self, path: str) -> tuple[str, ...]:
+        subs = self._paths.get(path)
+        if subs is None:
+            subs = tuple(_join(path, f.name) for f in self.fields)
+            if len(self._paths) < 512:  # paths repeat (properties.lines[0]...); bound the cache
+                self._paths[path] = subs
+        return subs
 
     def __call__(self, value: Any, path: str, errs: _Errors, currency: str | None) -> Any:
         if not isinstance(value, dict):
@@ -352,12 +387,9 @@ class _RecordChecker:
         bad = False
         if self.has_currency:
             currency = None
-        for f in self.fields:
-            if f.derived:
-                continue
-            sub = _join(path, f.name)
+        for f, sub in zip(self.fields, self._subpaths(path), strict=True):
             raw = value.get(f.name)
-            if isinstance(raw, str) and not raw.strip() and f.nullable:
+            if f.nullable and isinstance(raw, str) and not raw.strip():
                 raw = None  # "" and "   " mean absent for optional fields
             if raw is None:
                 if f.nullable:
@@ -375,11 +407,12 @@ class _RecordChecker:
             out[f.name] = converted
             if f.is_currency:
                 currency = converted
-        for name in value:
-            if name not in self.known:
+        unknown = value.keys() - self.known
+        if unknown:
+            for name in sorted(unknown, key=str):
                 shown = _join(path, name) if isinstance(name, str) and _SAFE_KEY.match(name) else path
                 errs.add(shown, "is not a known field" if shown != path else "has a field that is not known")
-                bad = True
+            bad = True
         return _BAD if bad else out
 
 
@@ -476,6 +509,7 @@ def _event_schema() -> _EventSchema:
     envelope = _RecordChecker(envelope_schema, names)
     customer_field = next(f for f in schema["fields"] if f["name"] == "customer")
     customer = _RecordChecker(customer_field["type"], names, identifier_fields=True)
+    envelope._paths.clear()
     envelope.fields = tuple(
         f if f.name != "customer" else _Field(
             name="customer", check=customer, nullable=False, has_default=True,
@@ -622,17 +656,18 @@ def events_of(body: Any, max_events: int = 1000) -> tuple[list[Any], bool]:
 
 def exceeds_depth(value: Any, limit: int) -> bool:
     """Whether JSON nesting (objects and arrays) goes deeper than `limit` levels."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        deeper = []
+        for node in level:
+            for child in (node.values() if isinstance(node, dict) else node):
+                if isinstance(child, dict | list):
+                    deeper.append(child)
+        level = deeper
     return False
 
 

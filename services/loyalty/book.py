@@ -46,6 +46,18 @@ def command_key(cmd: Command) -> str:
     return cmd.event_id
 
 
+class LotsNotLoaded(RuntimeError):
+    """Points had to be consumed from lots the store did not load (a bug in what was loaded)."""
+
+
+def next_expiry(acct: Account) -> dt.datetime | None:
+    """When the account's oldest points expire (what the expiry timer looks for)."""
+    first = acct.lots[0].expires_at if acct.lots else None
+    if acct.lots_loaded or acct.next_expiry_at is None:
+        return first
+    return acct.next_expiry_at if first is None else min(first, acct.next_expiry_at)
+
+
 class Book:
     """Accounts, orders and aliases in memory, with the changes made to them."""
 
@@ -122,6 +134,8 @@ class Book:
         """Bring an account to `as_of`: lots past expiry expire (oldest first) and a tier whose
         spend left the window is re-evaluated. Runs before every command, so outcomes do not
         depend on when the timer last ran."""
+        if not acct.lots_loaded and acct.next_expiry_at is not None and acct.next_expiry_at <= as_of:
+            raise LotsNotLoaded(acct.customer_id)
         if acct.lots and acct.lots[0].expires_at <= as_of:
             due = R.due_lots(acct.lots, as_of)
             for lot in due:
@@ -318,6 +332,8 @@ class Book:
     def _take(self, acct: Account, points: int, prefer: str | None) -> None:
         if points <= 0:
             return
+        if not acct.lots_loaded:
+            raise LotsNotLoaded(acct.customer_id)
         for lot, _ in R.consume(acct.lots, points, prefer=prefer):
             self.dirty_orders[lot.order_key] = lot
         acct.lots = [lot for lot in acct.lots if lot.remaining > 0]

@@ -138,22 +138,25 @@ class LoyaltyHandler:
         await self._segment(conn, segment, now)
 
     async def _load(self, conn: asyncpg.Connection, book: Book, ids: set[str], *,
-                    keys: Iterable[str] = (), since: dt.datetime | None,
-                    review_by: dt.datetime, whole: bool = False) -> None:
-        """Lock and load the members `ids` into the book: their points held, the orders `keys`,
-        and the window orders of those whose spend leaves the window by `review_by` (every
-        member's window with `whole`; every order ever when `since` is None too)."""
+                    keys: Iterable[str] = (), lots_for: set[str] = frozenset(),
+                    since: dt.datetime | None, review_by: dt.datetime, whole: bool = False) -> None:
+        """Lock and load the members `ids` into the book with the orders `keys`. Lots are loaded
+        for `lots_for` and for members with points expiring by `review_by`; window orders for
+        members whose spend leaves the window by then. `whole` loads all of both for everyone
+        (every order ever when `since` is None)."""
         accounts, new = await store.lock_accounts(conn, ids - book.accounts.keys(), self.rules.entry_tier)
         book.accounts.update(accounts)
         for cid in new:
             book.dirty_accounts[cid] = accounts[cid]
         known = [a for a in accounts.values() if a.customer_id not in new]
-        window = known if whole else [a for a in known
-                                      if a.review_at is not None and a.review_at <= review_by]
-        await store.load_orders(conn, book.orders, keys=keys, open_for=known, window_for=window,
+        if whole:
+            lots, window = known, known
+        else:
+            lots = [a for a in known if a.customer_id in lots_for
+                    or (a.next_expiry_at is not None and a.next_expiry_at <= review_by)]
+            window = [a for a in known if a.review_at is not None and a.review_at <= review_by]
+        await store.load_orders(conn, book.orders, keys=keys, open_for=lots, window_for=window,
                                 since=since)
-        for cid in new:
-            accounts[cid].spend_exact = True
 
     async def _segment(self, conn: asyncpg.Connection, commands: list[Command], now: dt.datetime) -> None:
         if not commands:
@@ -163,14 +166,24 @@ class LoyaltyHandler:
         keys = {order_key(c.order_id) for c in commands if isinstance(c, Sale | Return)}
         ids = {c.customer_id for c in commands}
         book = Book(self.rules, aliases=await store.load_aliases(conn, ids))
-        await self._load(conn, book, {book.resolve(i) for i in ids}, keys=keys, since=since,
-                         review_by=latest)
-        # A return of an order held by someone else (merged since): lock that member too.
-        owners = {o.owner for o in book.orders.values()} - book.accounts.keys()
-        if owners:
-            book.aliases.update(await store.load_aliases(conn, owners))
-            await self._load(conn, book, {book.resolve(o) for o in owners}, since=since,
-                             review_by=latest)
+        # Points are consumed by redemptions and by returns (from whoever holds the order: the
+        # returning customer, the buyer if the sale is in this batch, or the stored owner).
+        returned = {order_key(c.order_id) for c in commands if isinstance(c, Return)}
+        consuming = {book.resolve(c.customer_id) for c in commands
+                     if (isinstance(c, Sale) and (c.points_redeemed > 0 or order_key(c.order_id) in returned))
+                     or isinstance(c, Return)}
+        await self._load(conn, book, {book.resolve(i) for i in ids}, keys=keys, lots_for=consuming,
+                         since=since, review_by=latest)
+        owners = {o.owner for k, o in book.orders.items() if k in returned}
+        if owners - book.accounts.keys():
+            book.aliases.update(await store.load_aliases(conn, owners - book.accounts.keys()))
+        holders = {book.resolve(o) for o in owners}
+        if holders - book.accounts.keys():
+            await self._load(conn, book, holders - book.accounts.keys(), lots_for=holders,
+                             since=since, review_by=latest)
+        lacking = [book.accounts[h] for h in sorted(holders) if not book.accounts[h].lots_loaded]
+        if lacking:
+            await store.load_orders(conn, book.orders, open_for=lacking)
         for c, as_of in zip(commands, as_ofs, strict=True):
             book.apply(c, as_of)
         await self._write(conn, book)

@@ -7,6 +7,7 @@ currency, order totals in the order's own currency).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,9 +38,19 @@ NOTICE_OF_KIND: dict[str, str] = {
 TIER_CHANGED = "tier_changed"
 
 
+_NAMESPACE_BYTES = LOYALTY_NAMESPACE.bytes
+
+
 def derived_id(*parts: str) -> str:
-    """A deterministic id (uuid5) from the parts that identify a derived fact."""
-    return str(uuid.uuid5(LOYALTY_NAMESPACE, "|".join(parts)))
+    """A deterministic id (uuid5) from the parts that identify a derived fact.
+
+    Same value as `uuid.uuid5(LOYALTY_NAMESPACE, "|".join(parts))`, without building UUID objects
+    (this runs for every ledger entry)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "|".join(parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def entry_id(event_id: str, kind: str) -> str:
@@ -79,6 +90,10 @@ class Account:
     balance: int = 0
     tier: str = "member"
     lots: list[Order] = field(default_factory=list)      # orders with points left, FIFO order
+    # False when only the lots created in this unit of work are in `lots` (the stored ones were
+    # not needed: no redemption, return or expiry); next_expiry_at covers the stored ones then.
+    lots_loaded: bool = True
+    next_expiry_at: dt.datetime | None = None
     orders: dict[str, Order] = field(default_factory=dict)
     # True when `orders` holds every order in the tier window, so spend can be recomputed;
     # otherwise trailing_spend is carried forward (valid until review_at).
@@ -205,6 +220,4 @@ Command = Sale | Return | Enrol | Erase | MergeCommand
 def order_key(order_id: str) -> str:
     """Orders are found by a digest of their id, so an erased member's order refs can be dropped
     while a later return still finds what the order earned."""
-    import hashlib
-
     return hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()

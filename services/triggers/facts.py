@@ -104,6 +104,7 @@ class CustomerFacts:
     # -- marks that let scans skip what was already decided
     winback_fired_for: dt.datetime | None = None
     birthday_fired_for: int | None = None
+    points_fired_for: str | None = None
     # -- joined, not stored: the home store's time zone and location
     home_store_tz: str | None = None
     home_store_lat: float | None = None

@@ -116,7 +116,7 @@ class TriggersHandler:
         self.event_clock = event_clock
         self.save_watermark = save_watermark
         self.scan_interval = scan_interval or dt.timedelta(minutes=15)
-        self._fired = metrics.counter("triggers_fired", "Triggers fired, per kind.", ("kind",)) if metrics else None
+        self._fired = metrics.counter("fired", "Triggers fired, per kind.", ("kind",)) if metrics else None
         self._scan_seconds = (metrics.histogram("scan_seconds", "Time of one time-based scan.")
                               if metrics else None)
 

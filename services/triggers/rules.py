@@ -345,6 +345,8 @@ def points_expiring(facts: CustomerFacts, as_of: dt.datetime, cfg: RuleConfig,
         points = sum(lot.points for lot in lots)
         first = min(lot.expires_at for lot in lots)
         due = first - dt.timedelta(days=cfg.points_days_before)
+        if facts.points_fired_for is not None and facts.points_fired_for >= month:
+            continue
         if points < cfg.points_min or not (due <= as_of and first > _start(as_of, since)):
             continue
         out.append(make_trigger("points_expiring", facts.customer_id, month, as_of, context={
@@ -370,6 +372,8 @@ def mark_fired(facts: CustomerFacts, trigger: Trigger) -> None:
         facts.winback_fired_for = facts.last_purchase_at
     elif trigger.kind == "birthday_coupon":
         facts.birthday_fired_for = max(facts.birthday_fired_for or 0, int(trigger.period))
+    elif trigger.kind == "points_expiring":
+        facts.points_fired_for = max(facts.points_fired_for or "", trigger.period)
     elif trigger.kind == "abandoned_cart":
         cart = facts.carts.get(trigger.period)
         if cart is not None:

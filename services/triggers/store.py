@@ -44,6 +44,7 @@ async def load_facts(conn: asyncpg.Connection, ids: Iterable[str], *,
             last_purchase_at=r["last_purchase_at"], orders_count=r["orders_count"],
             lifetime_spend=r["lifetime_spend"], tier=r["tier"], tier_at=r["tier_at"],
             winback_fired_for=r["winback_fired_for"], birthday_fired_for=r["birthday_fired_for"],
+            points_fired_for=r["points_fired_for"],
             home_store_tz=r["hs_tz"], home_store_lat=r["hs_lat"], home_store_lon=r["hs_lon"])
     if not facts:
         return facts
@@ -67,9 +68,10 @@ _UPSERT_FACTS = """
 INSERT INTO customer_facts (customer_id, birthday, birthday_month, birthday_day, locale, timezone,
     home_store_id, city, country, lat, lon, tags, consents, consented_channels, preferred_channel,
     profile_version, profile_at, last_event_at, first_seen_at, signed_up_at, first_purchase_at, last_purchase_at, orders_count,
-    lifetime_spend, tier, tier_at, winback_due_at, winback_fired_for, birthday_fired_for, updated_at)
+    lifetime_spend, tier, tier_at, winback_due_at, winback_fired_for, birthday_fired_for, points_fired_for,
+    updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-        $21, $22, $23, $24, $25, $26, $27, $28, $29, now())
+        $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, now())
 ON CONFLICT (customer_id) DO UPDATE SET
     birthday = EXCLUDED.birthday, birthday_month = EXCLUDED.birthday_month,
     birthday_day = EXCLUDED.birthday_day, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone,
@@ -82,7 +84,8 @@ ON CONFLICT (customer_id) DO UPDATE SET
     last_purchase_at = EXCLUDED.last_purchase_at, orders_count = EXCLUDED.orders_count,
     lifetime_spend = EXCLUDED.lifetime_spend, tier = EXCLUDED.tier, tier_at = EXCLUDED.tier_at,
     winback_due_at = EXCLUDED.winback_due_at, winback_fired_for = EXCLUDED.winback_fired_for,
-    birthday_fired_for = EXCLUDED.birthday_fired_for, updated_at = now()
+    birthday_fired_for = EXCLUDED.birthday_fired_for, points_fired_for = EXCLUDED.points_fired_for,
+    updated_at = now()
 """
 
 
@@ -94,7 +97,7 @@ def _facts_row(f: CustomerFacts, cfg: RuleConfig) -> tuple:
             list(f.tags), dict(f.consents), f.consented_channels, f.preferred_channel,
             f.profile_version, f.profile_at, f.last_event_at, f.first_seen_at, f.signed_up_at, f.first_purchase_at,
             f.last_purchase_at, f.orders_count, f.lifetime_spend, f.tier, f.tier_at, due,
-            f.winback_fired_for, f.birthday_fired_for)
+            f.winback_fired_for, f.birthday_fired_for, f.points_fired_for)
 
 
 async def save_facts(conn: asyncpg.Connection, facts: Sequence[CustomerFacts], cfg: RuleConfig) -> None:
@@ -394,11 +397,15 @@ async def scan_candidates(conn: asyncpg.Connection, as_of: dt.datetime, cfg: Rul
         SELECT customer_id FROM category_facts
         WHERE remind_at <= $5 AND remind_at > $8 AND reminded_for IS DISTINCT FROM last_at
         UNION
-        SELECT customer_id FROM point_lots WHERE expires_at > $5 AND expires_at <= $9
-        GROUP BY customer_id HAVING sum(points) >= $10
+        SELECT l.customer_id FROM point_lots l JOIN customer_facts f USING (customer_id)
+        WHERE l.expires_at > $10 AND l.expires_at <= $9
+        GROUP BY l.customer_id, f.points_fired_for
+        HAVING f.points_fired_for IS NULL
+            OR f.points_fired_for < to_char(max(l.expires_at) + interval '14 hours', 'YYYY-MM')
         """,
         months, days, year, december, as_of, lower("win_back"), lower("abandoned_cart"),
-        lower("replenishment"), as_of + dt.timedelta(days=cfg.points_days_before + 32), cfg.points_min)
+        lower("replenishment"), as_of + dt.timedelta(days=cfg.points_days_before),
+        min(as_of, since) if since is not None else as_of)
     return sorted(r["customer_id"] for r in rows)
 
 

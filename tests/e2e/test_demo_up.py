@@ -25,8 +25,8 @@ def test_up_feeds_traffic_through_every_service(pg_server: str, tmp_path) -> Non
                 **{f"OMNICRM_{s.upper()}_PORT": str(free_port()) for s in SERVICES}})
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "up", "--no-dashboard", "--duration", "45",
-             "--day-minutes", "0.5", "--customers", "400", "--seed", "77"],
+            [sys.executable, "-m", "shared.cli", "up", "--no-dashboard", "--duration", "35",
+             "--day-minutes", "0.25", "--customers", "400", "--seed", "77"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     finally:
         asyncio.run(drop_database(pg_server, name))

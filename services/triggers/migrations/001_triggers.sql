@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS customer_facts (
     winback_due_at     timestamptz,                  -- last_purchase_at + lapse, for the scan
     winback_fired_for  timestamptz,
     birthday_fired_for integer,
+    points_fired_for   text,                         -- latest month a points_expiring fired for
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS customer_facts_birthday ON customer_facts (birthday_month, birthday_day);

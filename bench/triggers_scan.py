@@ -1,0 +1,134 @@
+"""Triggers benchmark: time of a time-based scan over N customers' facts, and handler events/s per worker.
+
+Facts are bulk-loaded with set-based SQL (birthdays over the year, last purchases over 200 days,
+some open carts, category histories and expiring points), then `TriggersHandler.scan` runs at a
+fixed instant, twice (the second fires nothing new). The handler is then fed batches of 1000
+resolved sales in one transaction each. Run: python -m bench.triggers_scan [N ...] (default 10000 100000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+from bench.environment import bench_environment, save
+from services.triggers.handlers import TriggersHandler
+from services.triggers.rules import RuleConfig
+from shared.avro import AvroCodec, SchemaRegistry
+from shared.batch_consumer import Record
+from shared.clock import FixedClock
+from shared.db import setup_database
+from shared.events import for_encoding
+from shared.rules import load_rules
+from shared.topics import IDENTITY_EVENTS, RESOLVED
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "triggers" / "migrations"
+AS_OF = dt.datetime(2026, 6, 15, 12, tzinfo=dt.UTC)
+
+_FILL = """
+INSERT INTO customer_facts (customer_id, birthday, birthday_month, birthday_day, timezone, tier, orders_count,
+    lifetime_spend, first_purchase_at, last_purchase_at, last_event_at, winback_due_at, lat, lon, home_store_id)
+SELECT 'c' || g,
+       to_char(d, '"--"MM-DD'), extract(month FROM d)::int, extract(day FROM d)::int,
+       (ARRAY['America/New_York','Asia/Shanghai','Europe/London','Asia/Tokyo'])[1 + g % 4],
+       (ARRAY['member','member','member','silver','gold'])[1 + g % 5],
+       1 + g % 7, 1000 * (g % 500), lp - interval '300 days', lp, lp, lp + interval '90 days',
+       40.7 + (g % 100) / 1000.0, -74.0 + (g % 97) / 1000.0, 'soho'
+FROM generate_series(1, $1) AS g,
+     LATERAL (SELECT date '2000-01-01' + (g % 366) AS d, $2::timestamptz - (g % 200) * interval '1 day' AS lp) x
+"""
+_CHILDREN = """
+INSERT INTO carts (customer_id, cart_id, last_activity_at, due_at, items, total, status)
+SELECT 'c' || g, 'k' || g, $2::timestamptz - (g % 2000) * interval '1 minute',
+       $2::timestamptz - (g % 2000) * interval '1 minute' + interval '60 minutes', 1, 2500, 'open'
+FROM generate_series(1, $1, 20) AS g;
+"""
+_CATEGORIES = """
+INSERT INTO category_facts (customer_id, category, purchases, quantity, last_at, remind_at)
+SELECT 'c' || g, 'coffee', ARRAY[$2::timestamptz - (g % 200) * interval '1 day'], 1,
+       $2::timestamptz - (g % 200) * interval '1 day', $2::timestamptz - (g % 200) * interval '1 day' + interval '18 days'
+FROM generate_series(1, $1, 3) AS g
+"""
+_LOTS = """
+INSERT INTO point_lots (customer_id, lot_id, points, expires_at)
+SELECT 'c' || g, 'l' || g, 150, $2::timestamptz + (g % 60) * interval '1 day'
+FROM generate_series(1, $1, 5) AS g
+"""
+
+
+async def scan_bench(dsn: str, n: int) -> dict:
+    schema = f"trg_bench_{n}"
+    pool = await setup_database(dsn, schema, MIGRATIONS, max_size=2)
+    cfg = RuleConfig.from_rules(load_rules(environ={}))
+    handler = TriggersHandler(codec=AvroCodec(SchemaRegistry.load()), cfg=cfg, clock=FixedClock(AS_OF))
+    try:
+        async with pool.acquire() as conn:
+            started = time.perf_counter()
+            for sql in (_FILL, _CHILDREN, _CATEGORIES, _LOTS):
+                await conn.execute(sql, n, AS_OF)
+            await conn.execute("ANALYZE")
+            load = time.perf_counter() - started
+            started = time.perf_counter()
+            fired = await handler.scan(conn, AS_OF)
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            again = await handler.scan(conn, AS_OF)
+            second = time.perf_counter() - started
+        return {"customers": n, "load_seconds": round(load, 2), "scan_seconds": round(first, 3),
+                "fired": fired, "rescan_seconds": round(second, 3), "rescan_fired": again}
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+
+
+async def handler_bench(dsn: str, events: int = 20000, batch: int = 1000) -> dict:
+    codec = AvroCodec(SchemaRegistry.load())
+    schema = "trg_bench_events"
+    pool = await setup_database(dsn, schema, MIGRATIONS, max_size=2)
+    clock = FixedClock(AS_OF)
+    handler = TriggersHandler(codec=codec, cfg=RuleConfig.from_rules(load_rules(environ={})), clock=clock)
+    records = []
+    for i in range(events):
+        at = AS_OF - dt.timedelta(seconds=events - i)
+        ev = {"event_id": f"b{i}", "type": "sale", "occurred_at": at, "utc_offset_minutes": 0, "received_at": at,
+              "source": "pos", "store_id": "soho", "customer": {}, "properties": {
+                  "order_id": f"o{i}", "currency": "USD", "total": 4200, "channel": "in_store",
+                  "lines": [{"sku": "s", "name": None, "category": "coffee", "quantity": 1, "unit_price": 4200}],
+                  "coupon_codes": [], "points_redeemed": 0, "discount": None}}
+        raw = codec.encode(RESOLVED, {"customer_id": f"c{i % 5000}", "identifiers": [], "event": for_encoding(ev)})
+        records.append(Record(IDENTITY_EVENTS.name, 0, i, b"", codec.decode(raw, RESOLVED), raw, 0))
+    try:
+        started = time.perf_counter()
+        for i in range(0, events, batch):
+            async with pool.acquire() as conn, conn.transaction():
+                await handler(conn, records[i:i + batch])
+        elapsed = time.perf_counter() - started
+        async with pool.acquire() as conn:
+            fired = await conn.fetchval("SELECT count(*) FROM fired_triggers")
+        return {"events": events, "batch": batch, "events_per_second": round(events / elapsed),
+                "fired": fired, "note": "handler only (decode excluded), one worker, 5000 customers"}
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+
+
+def main() -> None:
+    sizes = [int(a) for a in sys.argv[1:]] or [10_000, 100_000]
+    with bench_environment() as env:
+        scans = [asyncio.run(scan_bench(env.dsn, n)) for n in sizes]
+        events = asyncio.run(handler_bench(env.dsn))
+    result = {"scan": scans, "handler": events, "scan_target": "1,000,000 customers under 10 s"}
+    for s in scans:
+        print(f"scan over {s['customers']:>9,} customers: {s['scan_seconds']:.3f}s, fired {s['fired']:,}; "
+              f"re-scan {s['rescan_seconds']:.3f}s, fired {s['rescan_fired']}")
+    print(f"handler: {events['events_per_second']:,} events/s per worker")
+    print(f"saved {save('triggers_scan', result)}")
+
+
+if __name__ == "__main__":
+    main()
