@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 
 from services.ingestion import routing, store
 from services.ingestion.config import IngestionConfig
+from services.ingestion.publishing import produce_acked
 from services.ingestion.validation import (
     RequestShapeError,
     Validated,
@@ -210,9 +211,7 @@ class Ingestor:
                 if sent:
                     started = asyncio.get_running_loop().time()
                     async with asyncio.timeout(self.config.produce_timeout_seconds):
-                        futures = [await producer.send(e.topic.name, value=e.value, key=e.key.encode())
-                                   for e in sent]
-                        await asyncio.gather(*futures)
+                        await produce_acked(producer, [(e.topic.name, e.key.encode(), e.value) for e in sent])
                     self.produce_seconds.observe(asyncio.get_running_loop().time() - started)
         except (KafkaError, TimeoutError, *TRANSIENT_DB_ERRORS, asyncpg.DeadlockDetectedError) as exc:
             log.warning("publishing %d events failed (%s); rolled back", len(sent), type(exc).__name__)

@@ -23,6 +23,7 @@ from services.loyalty.ledger import (
     order_key,
 )
 from services.loyalty.rules import LoyaltyRules, UnknownCurrency, exponent
+from services.loyalty.wire import loyalty_encoder
 from shared.avro import AvroCodec, SchemaRegistry
 from shared.batch_consumer import Record
 from shared.clock import Clock, FixedClock
@@ -94,6 +95,7 @@ class LoyaltyHandler:
                  save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> None:
         self.rules = rules
         self.codec = codec
+        self.encode = loyalty_encoder(codec)
         self.clock = clock
         self.topic = topic
         self.save_watermark = save_watermark
@@ -228,7 +230,7 @@ class LoyaltyHandler:
         return done
 
     async def _write(self, conn: asyncpg.Connection, book: Book) -> None:
-        await store.write(conn, book, self.codec, self.topic)
+        await store.write(conn, book, self.encode, self.topic)
         if self._entries is not None:
             for e in book.entries:
                 self._entries.labels(kind=e.kind).inc()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import asyncpg
 import orjson
 
 from services.loyalty.book import Book, next_expiry
-from services.loyalty.ledger import Account, Order
-from shared.avro import AvroCodec
+from services.loyalty.ledger import Account, Notice, Order
 from shared.outbox import OutboxMessage, add_to_outbox
-from shared.topics import LOYALTY, LOYALTY_EVENTS
+from shared.topics import LOYALTY_EVENTS
 
 EVER = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
 
@@ -41,11 +40,14 @@ ORDER BY u.n
 """
 _ORDER_COLUMNS = ("order_key, order_id, owner, sale_event_id, sale_at, currency, total, refunded, "
                   "gross_spend, spend, earned, reversed, remaining, expires_at")
+# Three index lookups (by key; by owner for points held; by owner and time for the window);
+# rows found twice are dropped on this side.
 _LOAD_ORDERS = f"""
-SELECT {_ORDER_COLUMNS} FROM orders
-WHERE order_key = ANY($1::text[])
-   OR (owner = ANY($2::text[]) AND remaining > 0)
-   OR (owner = ANY($3::text[]) AND sale_at > $4)
+SELECT {_ORDER_COLUMNS} FROM orders WHERE order_key = ANY($1::text[])
+UNION ALL
+SELECT {_ORDER_COLUMNS} FROM orders WHERE owner = ANY($2::text[]) AND remaining > 0
+UNION ALL
+SELECT {_ORDER_COLUMNS} FROM orders WHERE owner = ANY($3::text[]) AND sale_at > $4
 """
 # The wide per-batch writes travel as one JSON array of rows (orjson on this side, jsonb on the
 # server): far cheaper to encode than a dozen typed arrays, one statement all the same.
@@ -182,7 +184,7 @@ def _json(rows: list[tuple]) -> str:
     return orjson.dumps(rows).decode()
 
 
-async def write(conn: asyncpg.Connection, book: Book, codec: AvroCodec,
+async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice], bytes],
                 topic: str = LOYALTY_EVENTS.name) -> None:
     """Everything the book changed, one statement per table, plus the outbox rows."""
     if book.entries:
@@ -210,8 +212,7 @@ async def write(conn: asyncpg.Connection, book: Book, codec: AvroCodec,
     if book.erased:
         await _write_erasures(conn, book)
     if book.notices:
-        encode = codec.encode
-        await add_to_outbox(conn, [OutboxMessage(topic, n.customer_id, encode(LOYALTY, n.as_record()))
+        await add_to_outbox(conn, [OutboxMessage(topic, n.customer_id, encode(n))
                                    for n in book.notices])
 
 

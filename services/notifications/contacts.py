@@ -2,7 +2,10 @@
 
 Kept from `identity.profiles.v1`; it is the only place email addresses and phone numbers live
 in this service, and it is looked up again at send time so an opt-out or erasure after the
-decision still stops the message.
+decision still stops the message. At rest every contact point is sealed (AES-256-GCM,
+shared/crypto.py) under a context naming the customer and the kind of value, so a blob moved to
+another row or column does not open. A Contact read back from the table holds `Sealed` values:
+the policy only needs to know an address exists; the dispatcher opens it when it sends.
 """
 
 from __future__ import annotations
@@ -11,8 +14,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.crypto import Vault
+
 CHANNELS = ("whatsapp", "sms", "email")
 OPTED_IN = "opted_in"
+# Contact fields and the identifier kind each holds (the kind is part of the seal context).
+CONTACT_FIELDS = {"emails": "email", "phones": "phone", "whatsapp_ids": "whatsapp_id"}
+
+
+def seal_context(customer_id: str, kind: str) -> str:
+    """Associated data of a sealed contact value: the blob only opens for this customer and kind."""
+    return f"notifications.contacts/{customer_id}/{kind}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A contact value encrypted at rest; only the sender opens it, with the vault, at send time."""
+
+    blob: bytes = field(repr=False)
+    context: str
+
+    def open(self, vault: Vault) -> str:
+        return vault.open(self.blob, self.context)
+
+
+Address = str | Sealed
+
+
+def reveal(address: Address, vault: Vault) -> str:
+    """The clear address to send to (raises shared.crypto.DecryptionError if the key is gone)."""
+    return address.open(vault) if isinstance(address, Sealed) else address
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,9 +51,9 @@ class Contact:
     """What notifications knows about one customer."""
 
     customer_id: str
-    emails: tuple[str, ...] = ()
-    phones: tuple[str, ...] = ()
-    whatsapp_ids: tuple[str, ...] = ()
+    emails: tuple[Address, ...] = ()
+    phones: tuple[Address, ...] = ()
+    whatsapp_ids: tuple[Address, ...] = ()
     first_name: str | None = None
     locale: str | None = None
     timezone: str | None = None
@@ -35,7 +66,11 @@ class Contact:
         """Marketing consent recorded and opted in; no record means no."""
         return self.consents.get(channel) == OPTED_IN
 
-    def address(self, channel: str) -> str | None:
+    def has_address(self, channel: str) -> bool:
+        """The channel can reach the customer (decided without opening anything)."""
+        return bool(self.address(channel))
+
+    def address(self, channel: str) -> Address | None:
         """The contact point a channel sends to (WhatsApp falls back to the phone number)."""
         if channel == "email":
             return self.emails[0] if self.emails else None
@@ -67,12 +102,18 @@ def contact_from_profile(profile: Mapping[str, Any]) -> Contact:
 
 
 def contact_from_row(row: Mapping[str, Any]) -> Contact:
-    """A Contact from a `contacts` table row."""
+    """A Contact from a `contacts` table row; its contact points stay sealed."""
+    cid = row["customer_id"]
+
+    def sealed(column: str) -> tuple[Address, ...]:
+        context = seal_context(cid, CONTACT_FIELDS[column])
+        return tuple(Sealed(bytes(b), context) for b in row[f"{column}_sealed"] or ())
+
     return Contact(
-        customer_id=row["customer_id"],
-        emails=tuple(row["emails"] or ()),
-        phones=tuple(row["phones"] or ()),
-        whatsapp_ids=tuple(row["whatsapp_ids"] or ()),
+        customer_id=cid,
+        emails=sealed("emails"),
+        phones=sealed("phones"),
+        whatsapp_ids=sealed("whatsapp_ids"),
         first_name=row["first_name"],
         locale=row["locale"],
         timezone=row["timezone"],

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.notifications.contacts import CHANNELS, Contact
+from services.notifications.contacts import CHANNELS, Address, Contact
 
 UTC = dt.UTC
 NOTIFICATION_NS = uuid.UUID("5b0f6f7e-8d0c-4c1e-9e55-6f1c1f1e0a04")
@@ -245,7 +245,7 @@ def choose_channels(contact: Contact, rules: NotificationRules) -> tuple[tuple[s
     consented = [c for c in order if contact.consented(c)]
     if not consented:
         return (), NO_CONSENT
-    usable = tuple(c for c in consented if contact.address(c))
+    usable = tuple(c for c in consented if contact.has_address(c))
     if not usable:
         return (), NO_CONTACT
     return usable, None
@@ -327,7 +327,7 @@ class SendCheck:
     action: str  # send, defer, suppress
     reason: str | None = None
     until: dt.datetime | None = None
-    address: str | None = None
+    address: Address | None = None  # still sealed: the dispatcher opens it as it sends
 
 
 def check_before_send(channel: str, contact: Contact | None, *, erased: bool, now: dt.datetime,
@@ -342,7 +342,7 @@ def check_before_send(channel: str, contact: Contact | None, *, erased: bool, no
     if not contact.consented(channel):
         return SendCheck("suppress", NO_CONSENT)
     address = contact.address(channel)
-    if not address:
+    if not contact.has_address(channel) or address is None:
         return SendCheck("suppress", NO_CONTACT)
     wake = quiet_hours_end(now, zone(tz_name, rules.default_timezone), rules)
     if wake is not None:
@@ -355,7 +355,7 @@ def next_fallback(fallbacks: Iterable[str], contact: Contact | None) -> tuple[st
     remaining = list(fallbacks)
     while remaining:
         channel = remaining.pop(0)
-        if contact is not None and contact.consented(channel) and contact.address(channel):
+        if contact is not None and contact.consented(channel) and contact.has_address(channel):
             return channel, tuple(remaining)
     return None, ()
 

@@ -10,26 +10,43 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 
-from services.notifications.contacts import Contact, contact_from_row
+from services.notifications.contacts import (
+    CONTACT_FIELDS,
+    Contact,
+    Sealed,
+    contact_from_row,
+    seal_context,
+)
 from services.notifications.policy import ACTIVE, Decision, PriorNotice
+from shared.crypto import DecryptionError, Vault
 
 # -- read model --------------------------------------------------------------------------------
 
-_UPSERT_CONTACTS = """
-INSERT INTO contacts (customer_id, emails, phones, whatsapp_ids, first_name, locale, timezone,
-                      home_store_id, preferred_channel, consents, version, updated_at)
-SELECT u.cid, u.emails::text[], u.phones::text[], u.was::text[], u.fname, u.loc, u.tz, u.store,
-       u.pref, u.consents::jsonb, u.ver, now()
+# Sealed values travel as hex text inside one text[] literal per row (unnest cannot carry a
+# ragged bytea[][]); PostgreSQL decodes them back to bytea[] in order.
+def _unhex(column: str) -> str:
+    return (f"ARRAY(SELECT decode(h, 'hex') FROM unnest(u.{column}::text[]) WITH ORDINALITY AS x(h, i) "
+            f"ORDER BY i)")
+
+
+_UPSERT_CONTACTS = f"""
+INSERT INTO contacts (customer_id, emails_sealed, phones_sealed, whatsapp_ids_sealed, key_id,
+                      first_name, locale, timezone, home_store_id, preferred_channel, consents,
+                      version, updated_at)
+SELECT u.cid, {_unhex("emails")}, {_unhex("phones")}, {_unhex("was")}, u.kid, u.fname, u.loc, u.tz,
+       u.store, u.pref, u.consents::jsonb, u.ver, now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::bigint[])
-     AS u(cid, emails, phones, was, fname, loc, tz, store, pref, consents, ver)
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[])
+     AS u(cid, emails, phones, was, kid, fname, loc, tz, store, pref, consents, ver)
 ON CONFLICT (customer_id) DO UPDATE SET
-    emails = EXCLUDED.emails, phones = EXCLUDED.phones, whatsapp_ids = EXCLUDED.whatsapp_ids,
+    emails_sealed = EXCLUDED.emails_sealed, phones_sealed = EXCLUDED.phones_sealed,
+    whatsapp_ids_sealed = EXCLUDED.whatsapp_ids_sealed, key_id = EXCLUDED.key_id,
     first_name = EXCLUDED.first_name, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone,
     home_store_id = EXCLUDED.home_store_id, preferred_channel = EXCLUDED.preferred_channel,
     consents = EXCLUDED.consents, version = EXCLUDED.version, updated_at = now()
@@ -43,15 +60,25 @@ def _pg_array(values: Iterable[str]) -> str:
     return "{" + ",".join(items) + "}"
 
 
-async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact]) -> None:
+def _sealed_array(vault: Vault, contact: Contact, column: str) -> str:
+    """The column's values sealed under the active key, as a hex text[] literal."""
+    context = seal_context(contact.customer_id, CONTACT_FIELDS[column])
+    blobs = [v.blob if isinstance(v, Sealed) else vault.seal(v, context)
+             for v in getattr(contact, column)]
+    return "{" + ",".join(b.hex() for b in blobs) + "}"
+
+
+async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact], vault: Vault) -> None:
+    """Keep the latest profile of each customer; contact points are sealed before they leave."""
     if not contacts:
         return
     await conn.execute(
         _UPSERT_CONTACTS,
         [c.customer_id for c in contacts],
-        [_pg_array(c.emails) for c in contacts],
-        [_pg_array(c.phones) for c in contacts],
-        [_pg_array(c.whatsapp_ids) for c in contacts],
+        [_sealed_array(vault, c, "emails") for c in contacts],
+        [_sealed_array(vault, c, "phones") for c in contacts],
+        [_sealed_array(vault, c, "whatsapp_ids") for c in contacts],
+        [vault.active_key_id for _ in contacts],
         [c.first_name for c in contacts],
         [c.locale for c in contacts],
         [c.timezone for c in contacts],
@@ -70,25 +97,125 @@ UPDATE notifications SET status = 'suppressed', reason = 'erased', due_at = NULL
 WHERE customer_id = ANY($1::text[]) AND status IN ('pending', 'deferred')
 RETURNING *
 """
+_BLANK_BODIES = """
+WITH blanked AS (
+    UPDATE notifications SET body = NULL, subject = NULL, params = '{}'::jsonb
+    WHERE customer_id = ANY($1::text[])
+      AND (body IS NOT NULL OR subject IS NOT NULL OR params <> '{}'::jsonb)
+    RETURNING customer_id
+)
+SELECT DISTINCT customer_id FROM blanked
+"""
+_RECORD_ERASURES = """
+INSERT INTO erasures (customer_id, erased_at, what)
+SELECT u.cid, $2, u.what::text[] FROM unnest($1::text[], $3::text[]) AS u(cid, what)
+ON CONFLICT (customer_id) DO UPDATE SET
+    erased_at = EXCLUDED.erased_at,
+    what = ARRAY(SELECT DISTINCT w FROM unnest(erasures.what || EXCLUDED.what) AS w ORDER BY w)
+WHERE cardinality(EXCLUDED.what) > 0
+"""
+
+# What an erasure drops here, as named in `erasures.what` and the erase report.
+ERASED_CONTACT = "contact"                # sealed email/phone/WhatsApp, first name, locale, consents
+ERASED_MESSAGES = "message_content"       # rendered subjects, bodies and template parameters
+ERASED_PENDING = "pending_notifications"  # unsent messages stopped (suppressed `erased`)
 
 
-async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str]) -> list[asyncpg.Record]:
+async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str],
+                 erased_at: dt.datetime) -> list[asyncpg.Record]:
     """Tombstone: drop contact points, remember the erasure, stop unsent messages, blank bodies.
 
-    Returns the notifications that were still waiting (now suppressed `erased`).
+    Records in `erasures` what was dropped for each customer (a replayed tombstone that finds
+    nothing left keeps the first record). Returns the notifications that were still waiting
+    (now suppressed `erased`).
     """
     if not customer_ids:
         return []
     ids = list(customer_ids)
-    await conn.execute("DELETE FROM contacts WHERE customer_id = ANY($1::text[])", ids)
+    contact = {r["customer_id"] for r in await conn.fetch(
+        "DELETE FROM contacts WHERE customer_id = ANY($1::text[]) RETURNING customer_id", ids)}
     await conn.execute(
         "INSERT INTO forgotten (customer_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", ids)
     stopped = await conn.fetch(_FORGET_PENDING, ids)
+    pending = {r["customer_id"] for r in stopped}
     # Rendered bodies may hold a first name: personal data goes with the profile.
-    await conn.execute(
-        "UPDATE notifications SET body = NULL, subject = NULL, params = '{}'::jsonb "
-        "WHERE customer_id = ANY($1::text[]) AND body IS NOT NULL", ids)
+    messages = {r["customer_id"] for r in await conn.fetch(_BLANK_BODIES, ids)}
+    what = []
+    for cid in ids:
+        kinds = [k for k, held in ((ERASED_CONTACT, contact), (ERASED_MESSAGES, messages),
+                                   (ERASED_PENDING, pending)) if cid in held]
+        what.append(_pg_array(kinds))
+    await conn.execute(_RECORD_ERASURES, ids, erased_at, what)
     return stopped
+
+
+async def erasure_of(conn: asyncpg.Connection, customer_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT customer_id, erased_at, what FROM erasures WHERE customer_id = $1", customer_id)
+
+
+@dataclass(frozen=True)
+class RekeyReport:
+    """What `rekey` did: rows moved to the active key, rows whose key is not configured."""
+
+    active_key_id: str
+    resealed: int
+    unreadable: int
+
+
+_REKEY_BATCH = """
+SELECT customer_id, key_id, emails_sealed, phones_sealed, whatsapp_ids_sealed
+FROM contacts
+WHERE customer_id > $1 AND key_id IS DISTINCT FROM $2
+ORDER BY customer_id
+LIMIT $3
+FOR UPDATE
+"""
+_REKEY_WRITE = f"""
+UPDATE contacts c SET emails_sealed = {_unhex("emails")}, phones_sealed = {_unhex("phones")},
+       whatsapp_ids_sealed = {_unhex("was")}, key_id = $5
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(cid, emails, phones, was)
+WHERE c.customer_id = u.cid
+"""
+
+
+async def rekey(conn: asyncpg.Connection, vault: Vault, *, batch_size: int = 500) -> RekeyReport:
+    """Re-seal every contact row not under the vault's active key (after a key rotation).
+
+    Walks the table in primary-key order, one transaction per batch: rows are locked while they
+    are re-sealed, so a concurrent profile update waits instead of being overwritten. Rows sealed
+    with a key the vault does not hold are left as they are and counted as unreadable; run again
+    with that key configured. Safe to interrupt and to re-run.
+    """
+    active = vault.active_key_id
+    resealed = unreadable = 0
+    last = ""
+    while True:
+        async with conn.transaction():
+            rows = await conn.fetch(_REKEY_BATCH, last, active, batch_size)
+            if not rows:
+                break
+            last = rows[-1]["customer_id"]
+            out: list[tuple[str, list[str]]] = []
+            for row in rows:
+                try:
+                    out.append((row["customer_id"], [
+                        _reseal(vault, row, column) for column in CONTACT_FIELDS]))
+                except DecryptionError:
+                    unreadable += 1
+            if out:
+                await conn.execute(
+                    _REKEY_WRITE, [cid for cid, _ in out], *[[cols[i] for _, cols in out]
+                                                             for i in range(3)], active)
+            resealed += len(out)
+    return RekeyReport(active, resealed, unreadable)
+
+
+def _reseal(vault: Vault, row: asyncpg.Record, column: str) -> str:
+    context = seal_context(row["customer_id"], CONTACT_FIELDS[column])
+    blobs = [vault.seal(vault.open(bytes(b), context), context)
+             for b in row[f"{column}_sealed"] or ()]
+    return "{" + ",".join(b.hex() for b in blobs) + "}"
 
 
 async def upsert_stores(conn: asyncpg.Connection, stores: Sequence[tuple[str, str]]) -> None:

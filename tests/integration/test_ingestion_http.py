@@ -163,6 +163,11 @@ async def events_on(broker: str, topic: str, ids: set[str]) -> list[tuple[str, d
     return found
 
 
+async def partitions_of(broker: str, topic: str, ids: set[str]) -> dict[str, int]:
+    return {CODEC.decode(m.value, EVENT)["event_id"]: m.partition for m in await read_topic(broker, topic)
+            if m.value is not None and CODEC.decode(m.value, EVENT)["event_id"] in ids}
+
+
 async def dead_letters(broker: str, ids: set[str]) -> list[dict]:
     out = []
     for m in await read_topic(broker, "ingest.dlq.v1"):

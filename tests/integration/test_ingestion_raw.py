@@ -23,6 +23,7 @@ from tests.integration.test_ingestion_http import (
     MIGRATIONS,
     POS,
     events_on,
+    partitions_of,
     read_topic,
     running,
     sale,
@@ -119,3 +120,6 @@ async def test_raw_topic_end_to_end_with_http_dedupe(broker, database, unique):
         assert all(d["source_topic"] == "ingest.raw.v1" for d in got)
         again = await events_on(broker, "ingest.sales.v1", {over_http["event_id"]})
         assert len(again) == 1
+        # HTTP produces its own record batches, the relay uses send(): one key, one partition.
+        parts = await partitions_of(broker, "ingest.sales.v1", {over_http["event_id"], good["event_id"]})
+        assert parts[over_http["event_id"]] == parts[good["event_id"]]
