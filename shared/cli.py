@@ -411,6 +411,15 @@ def ports() -> None:
         _say(f"{name:<14} {port}")
 
 
+def _register_tools() -> None:
+    from shared.cli_topics import register
+
+    register(app)
+
+
+_register_tools()
+
+
 def main() -> None:
     app()
 

@@ -1,4 +1,5 @@
-"""HTTP: a customer's notifications (read scope), and providers' delivery-status callbacks.
+"""HTTP: a customer's notifications (read scope), erasure records (admin scope), and providers'
+delivery-status callbacks.
 
 Callbacks carry no API key; each is verified with its provider's signature scheme instead:
 Twilio `X-Twilio-Signature` (base64 HMAC-SHA1 of URL + sorted form pairs with the auth token),
@@ -77,6 +78,16 @@ def install_routes(app: FastAPI, *, pool: Callable[[], asyncpg.Pool], codec: Avr
         async with pool().acquire() as conn:
             rows = await store.list_for_customer(conn, customer_id, limit)
         return {"customer_id": customer_id, "notifications": [_view(r) for r in rows]}
+
+    @router.get("/erasures/{customer_id}", tags=["privacy"])
+    async def erasure(customer_id: str, _=require("admin")) -> dict:
+        """When this service applied the customer's erasure and what kinds of data it dropped."""
+        async with pool().acquire() as conn:
+            row = await store.erasure_of(conn, customer_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no erasure recorded for this customer")
+        return {"service": "notifications", "customer_id": row["customer_id"],
+                "erased_at": row["erased_at"].isoformat(), "what": list(row["what"])}
 
     @router.get("/providers/whatsapp/status", tags=["providers"], response_class=PlainTextResponse)
     async def whatsapp_verify(request: Request) -> str:

@@ -14,6 +14,7 @@ from services.notifications.policy import NotificationRules
 from services.notifications.providers import ProviderConfig, build_providers
 from services.notifications.sender import Dispatcher
 from services.notifications.templates import Templates
+from shared.crypto import Vault
 from shared.runtime import Runtime
 from shared.topics import IDENTITY_MERGES, IDENTITY_PROFILES, INGEST_STORES, TRIGGERS_FIRED
 
@@ -26,9 +27,11 @@ def build(runtime: Runtime, config: ProviderConfig | None = None) -> FastAPI:
     templates = Templates(rules.kinds, rules.locales)
     config = config or ProviderConfig.from_env()
     metrics = NotificationMetrics(runtime.metrics)
+    # Contact points are sealed at rest; outside embedded mode the keys must be configured.
+    vault = Vault.from_env(embedded=runtime.settings.embedded)
     handler = NotificationHandler(codec=runtime.codec, clock=runtime.clock, rules=rules,
                                   templates=templates, metrics=metrics,
-                                  save_watermark=runtime.save_watermark)
+                                  save_watermark=runtime.save_watermark, vault=vault)
     runtime.consume([TRIGGERS_FIRED, IDENTITY_PROFILES, IDENTITY_MERGES, INGEST_STORES], handler)
     holder: dict[str, Dispatcher] = {}
 
@@ -39,7 +42,7 @@ def build(runtime: Runtime, config: ProviderConfig | None = None) -> FastAPI:
         log.info("delivery mode %s", runtime.settings.delivery)
         dispatcher = Dispatcher(runtime.pool, runtime.settings.dsn, providers=providers,
                                 codec=runtime.codec, clock=runtime.clock, rules=rules,
-                                metrics=metrics)
+                                metrics=metrics, vault=vault)
         holder["dispatcher"] = dispatcher
         try:
             await dispatcher.run()

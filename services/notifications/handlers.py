@@ -26,6 +26,7 @@ from services.notifications.templates import Templates
 from shared.avro import AvroCodec
 from shared.batch_consumer import Record
 from shared.clock import Clock
+from shared.crypto import Vault
 from shared.errors import PermanentError
 from shared.outbox import add_to_outbox
 from shared.topics import IDENTITY_MERGES, IDENTITY_PROFILES, INGEST_STORES, TRIGGERS_FIRED
@@ -38,8 +39,11 @@ class NotificationHandler:
 
     def __init__(self, *, codec: AvroCodec, clock: Clock, rules: NotificationRules,
                  templates: Templates, metrics: NotificationMetrics,
-                 save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> None:
+                 save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+                 vault: Vault | None = None) -> None:
         self.codec = codec
+        # Seals contact points before they are stored; the environment's keys by default.
+        self.vault = vault if vault is not None else Vault.from_env()
         self.clock = clock
         self.rules = rules
         self.templates = templates
@@ -78,10 +82,10 @@ class NotificationHandler:
         await store.apply_merges(conn, merged, unmerged)
         live = [contact_from_profile(v) for v in profiles.values() if v and not v.get("erased")]
         gone = [cid for cid, v in profiles.items() if v is None or v.get("erased")]
-        await store.upsert_contacts(conn, live)
+        await store.upsert_contacts(conn, live, self.vault)
         now = self.clock.now()
         messages = []
-        for row in await store.forget(conn, gone):
+        for row in await store.forget(conn, gone, now):
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
                                             occurred_at=now))
             self.metrics.status(row["channel"], SUPPRESSED, "erased")

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import asyncpg
 
 from services.notifications import store
-from services.notifications.contacts import Contact
+from services.notifications.contacts import Contact, reveal
 from services.notifications.metrics import NotificationMetrics
 from services.notifications.outcomes import outcome_message
 from services.notifications.policy import (
@@ -44,6 +44,7 @@ from services.notifications.policy import (
 from services.notifications.providers import OutgoingMessage, Provider, ProviderError
 from shared.avro import AvroCodec
 from shared.clock import Clock
+from shared.crypto import DecryptionError, Vault
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.outbox import add_to_outbox
 
@@ -56,8 +57,11 @@ class Dispatcher:
     def __init__(self, pool: asyncpg.Pool, dsn: str | None, *, providers: Mapping[str, Provider],
                  codec: AvroCodec, clock: Clock, rules: NotificationRules,
                  metrics: NotificationMetrics, lease_seconds: float = 120.0,
-                 idle_poll: float = 0.25, rng: random.Random | None = None) -> None:
+                 idle_poll: float = 0.25, rng: random.Random | None = None,
+                 vault: Vault | None = None) -> None:
         self.pool = pool
+        # Opens sealed contact points at the moment of sending, and nowhere else.
+        self.vault = vault if vault is not None else Vault.from_env()
         self.dsn = dsn
         self.providers = dict(providers)
         self.codec = codec
@@ -161,9 +165,18 @@ class Dispatcher:
             self.metrics.status(channel, DEFERRED, check.reason)
             return
         provider = self.providers[channel]
+        try:
+            to = reveal(check.address, self.vault) if check.address is not None else ""
+        except DecryptionError:
+            # The key that sealed it is no longer configured (or the blob was tampered with):
+            # this channel cannot be used; the next one may have been sealed differently.
+            log.error("contact point cannot be opened", extra={"notification_id": nid, "channel": channel})
+            await self.fail_and_fail_over(row, "contact_unreadable", contact,
+                                          from_statuses=(PENDING, DEFERRED))
+            return
         message = OutgoingMessage(
             notification_id=nid, channel=channel, kind=row["kind"], locale=row["locale"] or "en",
-            to=check.address or "", subject=row["subject"] or "", body=row["body"] or "",
+            to=to, subject=row["subject"] or "", body=row["body"] or "",
             params=dict(row["params"] or {}))
         self.metrics.in_flight.labels(channel=channel).inc()
         started = time.perf_counter()

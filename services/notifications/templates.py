@@ -22,6 +22,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from services.notifications.contacts import Contact
 from services.notifications.policy import Offer, Trigger, zone
+from shared.pii import redact
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 FALLBACK_LOCALE = "en"
@@ -139,13 +140,18 @@ class Templates:
         """The values a template sees: trigger context, the offer and first name, formatted."""
         tz = zone(tz_name)
         bl = _babel_locale(locale)
-        ctx = {k: str(v) for k, v in trigger.context.items()}
+        # Bodies are stored and shown: nothing shaped like an email or phone number gets in, even
+        # when a customer typed one into the name field or a campaign text carries one.
+        ctx = {k: redact(str(v)) for k, v in trigger.context.items()}
+        name = contact.first_name if contact and contact.first_name else ""
+        if redact(name) != name:
+            name = ""
         values: dict[str, str] = {
             "store_name": "", "category": "", "tier": "", "points": "", "event_title": "",
             "event_starts": "", "points_expire_on": "", "days_since_last_purchase": "",
             "title": "", "text": "", "campaign": "",
             **ctx,
-            "first_name": (contact.first_name if contact and contact.first_name else ""),
+            "first_name": name,
             "kind": trigger.kind,
             "offer_code": "", "offer_description": "", "offer_amount": "", "offer_min_spend": "",
             "offer_expires": "",

@@ -1,0 +1,80 @@
+"""How identifiers are kept at rest: a blind-index token for lookups and uniqueness, the value
+sealed for contact types (email, phone, whatsapp_id) and clear for the others.
+
+The domain (resolution, profile) works on clear `(type, value)` pairs; only the store goes through
+this. A sealed value is bound (AES-GCM associated data) to its type and token, so a blob copied onto
+another identifier's row fails to open instead of answering the wrong person.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from services.identity.normalise import Ident
+from shared.crypto import Vault
+
+CONTACT_TYPES = frozenset({"email", "phone", "whatsapp_id"})
+
+
+class Sealer:
+    """Identifier <-> stored columns with one Vault (keys from the environment)."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+
+    @property
+    def active_key_id(self) -> str:
+        return self.vault.active_key_id
+
+    def token(self, ident: Ident) -> bytes:
+        return self.vault.index(ident[0], ident[1])
+
+    @staticmethod
+    def context(kind: str, token: bytes) -> str:
+        return f"identity/{kind}/{token.hex()}"
+
+    def columns(self, ident: Ident, token: bytes | None = None) -> tuple[bytes, str | None, bytes | None]:
+        """(token, clear value or None, sealed value or None) of the identifiers row."""
+        kind, value = ident
+        token = token if token is not None else self.token(ident)
+        if kind in CONTACT_TYPES:
+            return token, None, self.vault.seal(value, self.context(kind, token))
+        return token, value, None
+
+    def open(self, kind: str, token: bytes, value: str | None, sealed: bytes | None) -> str:
+        if sealed is None:
+            assert value is not None
+            return value
+        return self.vault.open(bytes(sealed), self.context(kind, bytes(token)))
+
+    def reseal(self, kind: str, token: bytes, sealed: bytes) -> bytes:
+        """The same value sealed under the active key."""
+        return self.vault.seal(self.open(kind, token, None, sealed), self.context(kind, bytes(token)))
+
+    # -- quarantine notes (customers.quarantined jsonb) --------------------------------------
+    def seal_note(self, note: Mapping[str, Any]) -> dict[str, Any]:
+        """A clear note {type, value, reason} as stored: contact values sealed (with the key id,
+        so rekey can find old ones in SQL)."""
+        kind = note["type"]
+        if kind not in CONTACT_TYPES:
+            return dict(note)
+        token = self.token((kind, note["value"]))
+        sealed = self.vault.seal(note["value"], self.context(kind, token))
+        return {"type": kind, "reason": note["reason"], "token": token.hex(),
+                "sealed": base64.b64encode(sealed).decode(), "kid": self.vault.key_id_of(sealed)}
+
+    def open_note(self, stored: Mapping[str, Any]) -> dict[str, Any]:
+        if "sealed" not in stored:
+            return {"type": stored["type"], "value": stored["value"], "reason": stored["reason"]}
+        kind = stored["type"]
+        value = self.vault.open(base64.b64decode(stored["sealed"]),
+                                self.context(kind, bytes.fromhex(stored["token"])))
+        return {"type": kind, "value": value, "reason": stored["reason"]}
+
+    def note_is_current(self, stored: Mapping[str, Any]) -> bool:
+        """False for a clear contact value (legacy) or one sealed under an older key."""
+        if stored.get("type") not in CONTACT_TYPES:
+            return True
+        return "sealed" in stored and stored.get("kid") == self.active_key_id
