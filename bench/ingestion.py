@@ -41,8 +41,9 @@ def sale(run: str, i: int) -> dict:
                                       "unit_price": "129.90"}]}}
 
 
-async def http_rate(base: str, run: str, total: int, batch: int, concurrency: int) -> dict:
-    """Accepted events/s posting `total` events in batches of `batch` with `concurrency` clients."""
+async def http_rate(bases: list[str], run: str, total: int, batch: int, concurrency: int) -> dict:
+    """Accepted events/s posting `total` events in batches of `batch` with `concurrency` clients,
+    spread over the service workers at `bases`."""
     requests = [[sale(run, r * batch + j) for j in range(batch)] for r in range(total // batch)]
     bodies = [orjson.dumps(events[0] if batch == 1 else {"events": events}) for events in requests]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -51,7 +52,7 @@ async def http_rate(base: str, run: str, total: int, batch: int, concurrency: in
     accepted = 0
     statuses: dict[int, int] = {}
 
-    async def worker() -> None:
+    async def worker(base: str) -> None:
         nonlocal accepted
         async with httpx.AsyncClient(base_url=base, timeout=60,
                                      limits=httpx.Limits(max_connections=1)) as client:
@@ -64,9 +65,10 @@ async def http_rate(base: str, run: str, total: int, batch: int, concurrency: in
                     accepted += r.json()["accepted"]
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(bases[i % len(bases)]) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"batch": batch, "events": total, "concurrency": concurrency, "accepted": accepted,
+    return {"batch": batch, "events": total, "workers": len(bases), "concurrency": concurrency,
+            "accepted": accepted,
             "statuses": statuses, "seconds": round(elapsed, 2), "accepted_per_s": round(accepted / elapsed)}
 
 
@@ -102,46 +104,61 @@ async def ceiling(bootstrap: str, n: int) -> float:
                                                            for i in range(n)])
 
 
-async def run(env, n: int) -> dict:
-    await ensure_topics(env.bootstrap, 4)
-    ceiling_rate = await ceiling(env.bootstrap, n)
+async def start_worker(env, log) -> tuple[subprocess.Popen, str]:
+    """One `python -m services.ingestion` process on a free port, once it answers /ready."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OMNICRM_")}
     environ.update(KAFKA_BOOTSTRAP_SERVERS=env.bootstrap, DATABASE_URL=env.dsn,
                    OMNICRM_API_KEYS=f"bench:{KEY}:ingest", OMNICRM_INGESTION_PORT=str(port),
                    OMNICRM_RATE_LIMIT_PER_SECOND="0", OMNICRM_LOG_LEVEL="warning")
-    log = open(Path(ROOT) / ".omnicrm" / "bench-ingestion.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen([sys.executable, "-m", "services.ingestion"], cwd=ROOT, env=environ,
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=2) as c:
+        for _ in range(300):
+            try:
+                if (await c.get("/ready")).status_code == 200:
+                    return proc, base
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("ingestion did not become ready (see .omnicrm/bench-ingestion.log)")
+
+
+async def run(env, n: int) -> dict:
+    await ensure_topics(env.bootstrap, 4)
+    ceiling_rate = await ceiling(env.bootstrap, n)
+    log = open(Path(ROOT) / ".omnicrm" / "bench-ingestion.log", "ab")  # noqa: SIM115 - owned by the children
+    procs: list[subprocess.Popen] = []
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=2) as c:
-            for _ in range(300):
-                try:
-                    if (await c.get("/ready")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("ingestion did not become ready (see .omnicrm/bench-ingestion.log)")
-        await http_rate(base, "warmup", 2000, 100, 4)
+        proc, base = await start_worker(env, log)
+        procs.append(proc)
+        await http_rate([base], "warmup", 2000, 100, 4)
         results = {
-            "batch_1": await http_rate(base, "b1", min(n // 10, 5000), 1, 16),
-            "batch_100": await http_rate(base, "b100", n, 100, 4),
-            "batch_1000": await http_rate(base, "b1000", n, 1000, 4),
+            "batch_1": await http_rate([base], "b1", min(n // 10, 5000), 1, 16),
+            "batch_100": await http_rate([base], "b100", n, 100, 8),
+            "batch_1000": await http_rate([base], "b1000", n, 1000, 8),
             "raw_topic": await raw_rate(env.bootstrap, env.dsn, "raw", n),
         }
+        # Scale-out as in production: a second worker (same database and consumer group).
+        proc2, base2 = await start_worker(env, log)
+        procs.append(proc2)
+        await http_rate([base2], "warmup2", 2000, 100, 4)
+        results["batch_1000_two_workers"] = await http_rate([base, base2], "b1000x2", n, 1000, 8)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
         log.close()
-    b1000 = results["batch_1000"]["accepted_per_s"]
+    one = results["batch_1000"]["accepted_per_s"]
+    two = results["batch_1000_two_workers"]["accepted_per_s"]
     return {"events_per_run": n, "producer_ceiling_per_s": round(ceiling_rate), **results,
-            "batch_1000_ratio_to_ceiling": round(b1000 / ceiling_rate, 3),
+            "batch_1000_ratio_to_ceiling": round(one / ceiling_rate, 3),
+            "batch_1000_two_workers_ratio_to_ceiling": round(two / ceiling_rate, 3),
             "raw_ratio_to_ceiling": round(results["raw_topic"]["published_per_s"] / ceiling_rate, 3),
             "target": "batch_1000 >= 0.30 of the producer ceiling"}
-
 
 
 def main() -> None:

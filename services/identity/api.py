@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 from fastapi import APIRouter, Request
@@ -14,9 +14,11 @@ from services.identity.handlers import IdentityMetrics
 from services.identity.normalise import Normaliser
 from services.identity.records import api_view, profile_record
 from services.identity.resolution import merge_id_for, unmerge
+from services.identity.sealing import Sealer
 from shared.avro import AvroCodec
 from shared.clock import Clock
 from shared.config import ApiKey
+from shared.crypto import Vault
 from shared.events import IDENTIFIER_TYPES
 from shared.http import ApiError, require
 from shared.outbox import OutboxMessage, add_to_outbox
@@ -37,6 +39,10 @@ class ApiDeps:
     normaliser: Normaliser
     metrics: IdentityMetrics
     on_commit: Callable[[], None] = lambda: None
+    vault: Vault = field(default_factory=lambda: Vault.from_env(embedded=True))
+
+    def __post_init__(self) -> None:
+        self.sealer = Sealer(self.vault)
 
     def get_pool(self) -> asyncpg.Pool:
         pool = self.pool()
@@ -60,7 +66,7 @@ def router(deps: ApiDeps) -> APIRouter:
         if value is None:
             raise ApiError(404, "not_found", f"no customer with this {kind}")
         async with deps.get_pool().acquire() as conn:
-            owner = await store.owner_of(conn, (kind, value))
+            owner = await store.owner_of(conn, (kind, value), deps.sealer)
         if owner is None:
             raise ApiError(404, "not_found", f"no customer with this {kind}")
         return {"customer_id": owner}
@@ -70,7 +76,7 @@ def router(deps: ApiDeps) -> APIRouter:
         """The golden profile; a merged-away id answers its survivor."""
         async with deps.get_pool().acquire() as conn:
             root = await store.root_of(conn, customer_id)
-            c = await store.customer_with_identifiers(conn, root) if root else None
+            c = await store.customer_with_identifiers(conn, root, deps.sealer) if root else None
         if c is None:
             raise ApiError(404, "not_found", "unknown customer")
         return api_view(c, pii="read_pii" in key.scopes)
@@ -88,7 +94,7 @@ def router(deps: ApiDeps) -> APIRouter:
                 raise ApiError(404, "not_found", "unknown customer")
             if merged_root != root or body.merged == root:
                 raise ApiError(409, "not_merged", "that customer is not merged into this one")
-            tree, homes = await store.load_tree(conn, root)
+            tree, homes = await store.load_tree(conn, root, deps.sealer)
             node = tree.get(body.merged)
             if tree[root].merged_into is not None or node is None or node.merged_into is None:
                 raise ApiError(409, "conflict", "the customer changed meanwhile; try again")
@@ -101,7 +107,8 @@ def router(deps: ApiDeps) -> APIRouter:
             for c in (split.survivor, split.merged):
                 c.version += 1
             # The Avro record carries identifiers only for the two profiles we publish.
-            await store.save_split(conn, split.changed, body.merged, split.moved, merge_id, at)
+            await store.save_split(conn, split.changed, body.merged, split.moved, merge_id, at,
+                                   deps.sealer)
             await add_to_outbox(conn, [
                 OutboxMessage(IDENTITY_MERGES.name, root, deps.codec.encode(MERGE, {
                     "merge_id": merge_id, "kind": "unmerged", "survivor": root,

@@ -10,6 +10,7 @@ from services.identity import api, store
 from services.identity.handlers import IdentityHandler, IdentityMetrics, handle_stores
 from services.identity.normalise import Normaliser
 from services.identity.resolution import Guard
+from shared.crypto import Vault
 from shared.runtime import Runtime
 from shared.topics import INGEST_INTERACTIONS, INGEST_PROFILES, INGEST_SALES, INGEST_STORES
 
@@ -19,9 +20,11 @@ def build(runtime: Runtime) -> FastAPI:
     metrics = IdentityMetrics(runtime.metrics)
     normaliser = Normaliser.from_rules(rules)
     guard = Guard.from_rules(rules)
+    # Contact data at rest is sealed with keys from the environment (required outside embedded mode).
+    vault = Vault.from_env(embedded=runtime.settings.embedded)
     handler = IdentityHandler(codec=runtime.codec, normaliser=normaliser, guard=guard,
                               metrics=metrics, clock=runtime.clock,
-                              save_watermark=runtime.save_watermark)
+                              save_watermark=runtime.save_watermark, vault=vault)
     runtime.consume([INGEST_SALES, INGEST_INTERACTIONS, INGEST_PROFILES], handler)
 
     async def stores(conn, records) -> None:
@@ -38,6 +41,6 @@ def build(runtime: Runtime) -> FastAPI:
     app = runtime.http("omnicrm identity")
     app.include_router(api.router(api.ApiDeps(
         pool=lambda: runtime.pool, codec=runtime.codec, clock=runtime.clock,
-        normaliser=normaliser, metrics=metrics,
+        normaliser=normaliser, metrics=metrics, vault=vault,
         on_commit=lambda: runtime.relay.wake() if runtime.relay is not None else None)))
     return app

@@ -22,9 +22,11 @@ from services.identity import profile, store
 from services.identity.normalise import Ident, Normaliser
 from services.identity.records import profile_record
 from services.identity.resolution import Graph, Guard, Incoming, NoIdentifier, resolve
+from services.identity.sealing import Sealer
 from shared.avro import HEADER_LEN, AvroCodec, fingerprint
 from shared.batch_consumer import Record
 from shared.clock import Clock
+from shared.crypto import Vault
 from shared.errors import PermanentError, TransientError
 from shared.events import STORE_TYPES, for_encoding
 from shared.metrics import ServiceMetrics
@@ -89,7 +91,7 @@ class IdentityHandler:
     def __init__(self, *, codec: AvroCodec, normaliser: Normaliser, guard: Guard,
                  metrics: IdentityMetrics, clock: Clock,
                  save_watermark: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
-                 max_attempts: int = 8) -> None:
+                 max_attempts: int = 8, vault: Vault | None = None) -> None:
         self.codec = codec
         self.normaliser = normaliser
         self.guard = guard
@@ -97,6 +99,9 @@ class IdentityHandler:
         self.clock = clock
         self.save_watermark = save_watermark
         self.max_attempts = max_attempts
+        # Embedded development keys when none is given (tests, bench); app.py passes the real one.
+        self.sealer = Sealer(vault or Vault.from_env(embedded=True))
+        self._legacy_checked = False
         self.countries: dict[str, str] = {}
         resolved = codec.registry.latest(RESOLVED)
         embedded = next(f["type"] for f in resolved.schema["fields"] if f["name"] == "event")
@@ -112,6 +117,8 @@ class IdentityHandler:
         events = [r.value for r in bound]
         await self._learn_countries(conn, {e["store_id"] for e in events if e.get("store_id")})
         items = [self._item(r.value, r.raw) for r in bound]
+        if not self._legacy_checked:  # a database from before 002: convert its clear rows first
+            self._legacy_checked = await store.convert_legacy(conn, self.sealer) is None
         for attempt in range(self.max_attempts):
             try:
                 async with conn.transaction():  # a savepoint inside the consumer's transaction
@@ -154,7 +161,7 @@ class IdentityHandler:
         graph = Graph(guard=self.guard)
         since = min(i.incoming.occurred_at for i in todo) - self.guard.window
         idents = {ident for i in todo for ident in i.incoming.identifiers}
-        if await store.load_graph(conn, graph, idents, since):
+        if await store.load_graph(conn, graph, idents, since, self.sealer):
             raise _GraphMoved()
         out: list[OutboxMessage] = []
         merges = []
@@ -180,7 +187,7 @@ class IdentityHandler:
             if res.erased:
                 self.metrics.erased.inc()
         out.extend(self._profile_messages(graph))
-        await store.save_graph(conn, graph, merges, links)
+        await store.save_graph(conn, graph, merges, links, self.sealer)
         await add_to_outbox(conn, out)
         for outcome, n in outcomes.items():
             self.metrics.resolutions.labels(outcome=outcome).inc(n)

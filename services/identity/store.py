@@ -10,6 +10,8 @@ import asyncpg
 
 from services.identity.normalise import Ident
 from services.identity.resolution import Customer, Graph, MergeEdge
+from services.identity.sealing import CONTACT_TYPES, Sealer
+from shared.crypto import Vault
 
 _CLAIM = """
 INSERT INTO processed_events (event_id)
@@ -21,10 +23,10 @@ ON CONFLICT DO NOTHING RETURNING event_id
 _LOCK = """
 SELECT c.* FROM customers c
 WHERE c.customer_id IN (
-    SELECT i.customer_id FROM unnest($1::text[], $2::text[]) AS q(t, v)
+    SELECT i.customer_id FROM unnest($1::text[], $2::bytea[]) AS q(t, k)
     -- LATERAL + LIMIT keeps this an index probe per identifier (a hash join would scan them all)
     CROSS JOIN LATERAL (SELECT customer_id FROM identifiers
-                        WHERE id_type = q.t AND value = q.v LIMIT 1) AS i)
+                        WHERE id_type = q.t AND token = q.k LIMIT 1) AS i)
 ORDER BY c.customer_id
 FOR UPDATE OF c
 """
@@ -32,16 +34,18 @@ FOR UPDATE OF c
 # After the lock (a fresh snapshot): every identifier of the locked customers, the quarantine
 # entries and the recent sightings of the batch's identifiers.
 _DETAILS = """
-SELECT 'i' AS k, id_type, value, customer_id AS ref, NULL::timestamptz AS at
+SELECT 'i' AS k, id_type, token, value, sealed, customer_id AS ref, NULL::timestamptz AS at
   FROM identifiers WHERE customer_id = ANY($1::text[])
 UNION ALL
-SELECT 'q', q.id_type, q.value, q.reason, q.since FROM unnest($2::text[], $3::text[]) AS u(t, v)
+SELECT 'q', q.id_type, q.token, NULL, NULL, q.reason, q.since
+  FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
   CROSS JOIN LATERAL (SELECT * FROM quarantined_identifiers
-                      WHERE id_type = u.t AND value = u.v LIMIT 1) AS q
+                      WHERE id_type = u.t AND token = u.k LIMIT 1) AS q
 UNION ALL
-SELECT 's', s.id_type, s.value, s.anchor, s.seen_at FROM unnest($2::text[], $3::text[]) AS u(t, v)
+SELECT 's', s.id_type, s.token, NULL, NULL, s.anchor, s.seen_at
+  FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
   CROSS JOIN LATERAL (SELECT * FROM sightings
-                      WHERE id_type = u.t AND value = u.v AND seen_at >= $4 LIMIT 100) AS s
+                      WHERE id_type = u.t AND token = u.k AND seen_at >= $4 LIMIT 100) AS s
 """
 
 _UPSERT_CUSTOMERS = """
@@ -67,8 +71,10 @@ WHERE customer_id = ANY($1::text[])
 
 # Sorted inserts: two workers inserting overlapping identifiers wait in the same order.
 _LINK = """
-INSERT INTO identifiers (id_type, value, customer_id, home_customer_id, linked_at, event_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+INSERT INTO identifiers (id_type, token, value, sealed, customer_id, home_customer_id, linked_at,
+                         event_id)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::bytea[], $5::text[], $6::text[],
+                     $7::timestamptz[], $8::text[])
 ORDER BY 1, 2
 """
 
@@ -79,14 +85,14 @@ ON CONFLICT (merge_id) DO NOTHING
 """
 
 _SIGHTINGS = """
-INSERT INTO sightings (id_type, value, anchor, seen_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+INSERT INTO sightings (id_type, token, anchor, seen_at)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::timestamptz[])
 ON CONFLICT DO NOTHING
 """
 
 _QUARANTINE = """
-INSERT INTO quarantined_identifiers (id_type, value, reason, since)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+INSERT INTO quarantined_identifiers (id_type, token, reason, since)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::timestamptz[])
 ON CONFLICT DO NOTHING
 """
 
@@ -105,56 +111,63 @@ async def claim_events(conn: asyncpg.Connection, event_ids: Sequence[str]) -> se
 
 
 async def load_graph(conn: asyncpg.Connection, graph: Graph, idents: Iterable[Ident],
-                     since: dt.datetime) -> list[str]:
+                     since: dt.datetime, sealer: Sealer) -> list[str]:
     """Lock the customers owning `idents` and load them into `graph`; returns ids that were
     merged away meanwhile (the caller retries: another worker moved their identifiers)."""
     idents = sorted(set(idents))
+    tokens = [sealer.token(i) for i in idents]
+    known = dict(zip(tokens, idents, strict=True))  # the batch's own identifiers need no opening
     types = [t for t, _ in idents]
-    values = [v for _, v in idents]
-    locked = await conn.fetch(_LOCK, types, values)
+    locked = await conn.fetch(_LOCK, types, tokens)
     stale = [r["customer_id"] for r in locked if r["merged_into"] is not None or r["erased"]]
     ids = [r["customer_id"] for r in locked]
     owned: dict[str, set[Ident]] = {cid: set() for cid in ids}
-    for r in await conn.fetch(_DETAILS, ids, types, values, since):
-        ident = (r["id_type"], r["value"])
+    for r in await conn.fetch(_DETAILS, ids, types, tokens, since):
+        token = bytes(r["token"])
         if r["k"] == "i":
+            ident = known.get(token)
+            if ident is None or ident[0] != r["id_type"]:
+                ident = (r["id_type"], sealer.open(r["id_type"], token, r["value"], r["sealed"]))
             owned[r["ref"]].add(ident)
         elif r["k"] == "q":
-            graph.quarantined[ident] = r["ref"]
+            graph.quarantined[known[token]] = r["ref"]
         else:
-            graph.sightings.setdefault(ident, []).append((r["ref"], r["at"]))
+            graph.sightings.setdefault(known[token], []).append((r["ref"], r["at"]))
     for r in locked:
-        graph.add(customer_from_row(r, owned[r["customer_id"]]))
+        graph.add(customer_from_row(r, owned[r["customer_id"]], sealer))
     return stale
 
 
-def customer_from_row(r: Any, identifiers: set[Ident]) -> Customer:
+def customer_from_row(r: Any, identifiers: set[Ident], sealer: Sealer) -> Customer:
     return Customer(
         customer_id=r["customer_id"], created_at=r["created_at"], updated_at=r["updated_at"],
         identifiers=identifiers, own=r["own"] or {}, golden=r["golden"] or {},
         members=list(r["members"] or []), blocked=set(r["blocked"] or []),
-        quarantined=list(r["quarantined"] or []), merged_into=r["merged_into"],
-        erased=r["erased"], version=r["version"], created_by=r["created_by"])
+        quarantined=[sealer.open_note(n) for n in r["quarantined"] or []],
+        merged_into=r["merged_into"], erased=r["erased"], version=r["version"],
+        created_by=r["created_by"])
 
 
-def _row(c: Customer) -> dict[str, Any]:
+def _row(c: Customer, sealer: Sealer) -> dict[str, Any]:
     return {"customer_id": c.customer_id, "created_at": c.created_at.isoformat(),
             "updated_at": c.updated_at.isoformat(), "merged_into": c.merged_into,
             "erased": c.erased, "version": c.version, "own": c.own, "golden": c.golden,
             "members": sorted(c.members), "blocked": sorted(c.blocked),
-            "quarantined": c.quarantined, "created_by": c.created_by}
+            "quarantined": [sealer.seal_note(n) for n in c.quarantined],
+            "created_by": c.created_by}
 
 
-async def save_customers(conn: asyncpg.Connection, customers: Iterable[Customer]) -> None:
-    rows = [_row(c) for c in customers]
+async def save_customers(conn: asyncpg.Connection, customers: Iterable[Customer],
+                         sealer: Sealer) -> None:
+    rows = [_row(c, sealer) for c in customers]
     if rows:
         await conn.execute(_UPSERT_CUSTOMERS, rows)  # the pool's jsonb codec encodes it
 
 
 async def save_graph(conn: asyncpg.Connection, graph: Graph, merges: Sequence[MergeEdge],
-                     link_events: dict[Ident, tuple[str, dt.datetime]]) -> None:
+                     link_events: dict[Ident, tuple[str, dt.datetime]], sealer: Sealer) -> None:
     """Write what a batch changed: customers, re-pointed / erased / new links, merges, guard state."""
-    await save_customers(conn, (c for c in graph.customers.values() if c.changed))
+    await save_customers(conn, (c for c in graph.customers.values() if c.changed), sealer)
     if graph.merged_away:
         old = sorted(graph.merged_away)
         await conn.execute(_REPOINT, old, [graph.merged_away[m] for m in old])
@@ -165,14 +178,18 @@ async def save_graph(conn: asyncpg.Connection, graph: Graph, merges: Sequence[Me
     if graph.removed:
         gone = sorted(graph.removed)
         await conn.execute(
-            "DELETE FROM sightings s USING unnest($1::text[], $2::text[]) AS u(t, v) "
-            "WHERE s.id_type = u.t AND s.value = u.v", [t for t, _ in gone], [v for _, v in gone])
+            "DELETE FROM sightings s USING unnest($1::text[], $2::bytea[]) AS u(t, k) "
+            "WHERE s.id_type = u.t AND s.token = u.k",
+            [t for t, _ in gone], [sealer.token(i) for i in gone])
     links = sorted(i for i in graph.homes if i in graph.owners)
     if links:
+        cols = [sealer.columns(i) for i in links]
+        rows = sorted(zip(links, cols, strict=True), key=lambda x: (x[0][0], x[1][0]))
         await conn.execute(
-            _LINK, [t for t, _ in links], [v for _, v in links], [graph.owners[i] for i in links],
-            [graph.homes[i] for i in links], [link_events[i][1] for i in links],
-            [link_events[i][0] for i in links])
+            _LINK, [i[0] for i, _ in rows], [c[0] for _, c in rows], [c[1] for _, c in rows],
+            [c[2] for _, c in rows], [graph.owners[i] for i, _ in rows],
+            [graph.homes[i] for i, _ in rows], [link_events[i][1] for i, _ in rows],
+            [link_events[i][0] for i, _ in rows])
     if merges:
         await conn.execute(
             _MERGES, [m.merge_id for m in merges], [m.survivor for m in merges],
@@ -180,11 +197,11 @@ async def save_graph(conn: asyncpg.Connection, graph: Graph, merges: Sequence[Me
             [m.cause_event_id for m in merges], [m.occurred_at for m in merges])
     if graph.new_sightings:
         s = graph.new_sightings
-        await conn.execute(_SIGHTINGS, [i[0] for i, _, _ in s], [i[1] for i, _, _ in s],
+        await conn.execute(_SIGHTINGS, [i[0] for i, _, _ in s], [sealer.token(i) for i, _, _ in s],
                            [a for _, a, _ in s], [at for _, _, at in s])
     if graph.new_quarantine:
         q = sorted(graph.new_quarantine.items())
-        await conn.execute(_QUARANTINE, [i[0] for i, _ in q], [i[1] for i, _ in q],
+        await conn.execute(_QUARANTINE, [i[0] for i, _ in q], [sealer.token(i) for i, _ in q],
                            [r for _, (r, _) in q], [at for _, (_, at) in q])
 
 
@@ -207,9 +224,10 @@ async def upsert_stores(conn: asyncpg.Connection, stores: Sequence[tuple[str, st
 
 
 # -- reads for the API ------------------------------------------------------------------------
-async def owner_of(conn: asyncpg.Connection, ident: Ident) -> str | None:
+async def owner_of(conn: asyncpg.Connection, ident: Ident, sealer: Sealer) -> str | None:
     return await conn.fetchval(
-        "SELECT customer_id FROM identifiers WHERE id_type = $1 AND value = $2", *ident)
+        "SELECT customer_id FROM identifiers WHERE id_type = $1 AND token = $2",
+        ident[0], sealer.token(ident))
 
 
 async def root_of(conn: asyncpg.Connection, customer_id: str) -> str | None:
@@ -225,7 +243,7 @@ async def root_of(conn: asyncpg.Connection, customer_id: str) -> str | None:
         """, customer_id)
 
 
-async def customer_with_identifiers(conn: asyncpg.Connection, customer_id: str,
+async def customer_with_identifiers(conn: asyncpg.Connection, customer_id: str, sealer: Sealer,
                                     lock: bool = False) -> Customer | None:
     row = await conn.fetchrow(
         "SELECT * FROM customers WHERE customer_id = $1" + (" FOR UPDATE" if lock else ""),
@@ -233,21 +251,27 @@ async def customer_with_identifiers(conn: asyncpg.Connection, customer_id: str,
     if row is None:
         return None
     idents = await conn.fetch(
-        "SELECT id_type, value FROM identifiers WHERE customer_id = $1", customer_id)
-    return customer_from_row(row, {(r["id_type"], r["value"]) for r in idents})
+        "SELECT id_type, token, value, sealed FROM identifiers WHERE customer_id = $1", customer_id)
+    return customer_from_row(row, {_opened(sealer, r) for r in idents}, sealer)
+
+
+def _opened(sealer: Sealer, r: Any) -> Ident:
+    return (r["id_type"], sealer.open(r["id_type"], bytes(r["token"]), r["value"], r["sealed"]))
 
 
 # -- unmerge ----------------------------------------------------------------------------------
-async def load_tree(conn: asyncpg.Connection, root_id: str) -> tuple[dict[str, Customer], dict[Ident, str]]:
+async def load_tree(conn: asyncpg.Connection, root_id: str,
+                    sealer: Sealer) -> tuple[dict[str, Customer], dict[Ident, str]]:
     """Every node of the root's subtree (locked, id order) and the homes of the root's identifiers."""
     rows = await conn.fetch(
         "SELECT * FROM customers WHERE customer_id IN "
         "(SELECT jsonb_array_elements_text(members) FROM customers WHERE customer_id = $1) "
         "ORDER BY customer_id FOR UPDATE", root_id)
     idents = await conn.fetch(
-        "SELECT id_type, value, home_customer_id FROM identifiers WHERE customer_id = $1", root_id)
-    homes = {(r["id_type"], r["value"]): r["home_customer_id"] for r in idents}
-    tree = {r["customer_id"]: customer_from_row(r, set()) for r in rows}
+        "SELECT id_type, token, value, sealed, home_customer_id FROM identifiers "
+        "WHERE customer_id = $1", root_id)
+    homes = {_opened(sealer, r): r["home_customer_id"] for r in idents}
+    tree = {r["customer_id"]: customer_from_row(r, set(), sealer) for r in rows}
     tree[root_id].identifiers = set(homes)
     return tree, homes
 
@@ -259,16 +283,102 @@ async def merge_edge(conn: asyncpg.Connection, survivor: str, merged: str) -> An
 
 
 async def save_split(conn: asyncpg.Connection, customers: Iterable[Customer], merged_id: str,
-                     moved: Sequence[Ident], merge_id: str, at: dt.datetime) -> None:
-    await save_customers(conn, customers)
+                     moved: Sequence[Ident], merge_id: str, at: dt.datetime, sealer: Sealer) -> None:
+    await save_customers(conn, customers, sealer)
     if moved:
         await conn.execute(
-            "UPDATE identifiers SET customer_id = $1 FROM unnest($2::text[], $3::text[]) AS u(t, v) "
-            "WHERE identifiers.id_type = u.t AND identifiers.value = u.v",
-            merged_id, [t for t, _ in moved], [v for _, v in moved])
+            "UPDATE identifiers SET customer_id = $1 FROM unnest($2::text[], $3::bytea[]) AS u(t, k) "
+            "WHERE identifiers.id_type = u.t AND identifiers.token = u.k",
+            merged_id, [t for t, _ in moved], [sealer.token(i) for i in moved])
     await conn.execute("UPDATE merges SET unmerged_at = $2 WHERE merge_id = $1", merge_id, at)
 
 
 async def prune_sightings(conn: asyncpg.Connection, before: dt.datetime) -> int:
     result = await conn.execute("DELETE FROM sightings WHERE seen_at < $1", before)
     return int(result.split()[-1])
+
+
+# -- keys: legacy clear rows and rotation ------------------------------------------------------
+_LEGACY_TABLES = ("identifiers_v1", "quarantined_identifiers_v1", "sightings_v1")
+_STALE_NOTES = """
+SELECT customer_id, quarantined FROM customers
+WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(quarantined) AS n
+              WHERE n->>'type' = ANY($1::text[]) AND (n->>'kid') IS DISTINCT FROM $2)
+ORDER BY customer_id LIMIT $3
+"""
+_SET_NOTES = """
+UPDATE customers c SET quarantined = r.new
+FROM jsonb_to_recordset($1::jsonb) AS r(customer_id text, old jsonb, new jsonb)
+WHERE c.customer_id = r.customer_id AND c.quarantined = r.old
+"""
+
+
+async def convert_legacy(conn: asyncpg.Connection, sealer: Sealer, batch: int = 5000) -> int | None:
+    """Move rows a database kept in clear before 002 (the *_v1 tables) into the sealed tables.
+    Returns None when there is nothing left to convert (the caller stops asking), else the count."""
+    present = await conn.fetchval(
+        "SELECT count(*) FROM unnest($1::text[]) AS t(n) WHERE to_regclass(t.n) IS NOT NULL",
+        list(_LEGACY_TABLES))
+    if not present:
+        return None
+    converted = 0
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('omnicrm-identity-convert-legacy'))")
+        if await conn.fetchval("SELECT to_regclass('identifiers_v1') IS NULL"):
+            return 0  # another worker converted them while we waited
+        while rows := await conn.fetch(
+                "DELETE FROM identifiers_v1 WHERE ctid IN (SELECT ctid FROM identifiers_v1 LIMIT $1) "
+                "RETURNING *", batch):
+            cols = [sealer.columns((r["id_type"], r["value"])) for r in rows]
+            await conn.execute(
+                _LINK.rstrip() + " ON CONFLICT DO NOTHING", [r["id_type"] for r in rows],
+                [c[0] for c in cols], [c[1] for c in cols], [c[2] for c in cols],
+                [r["customer_id"] for r in rows], [r["home_customer_id"] for r in rows],
+                [r["linked_at"] for r in rows], [r["event_id"] for r in rows])
+            converted += len(rows)
+        for table, insert, extra in (("quarantined_identifiers_v1", _QUARANTINE, ("reason", "since")),
+                                     ("sightings_v1", _SIGHTINGS, ("anchor", "seen_at"))):
+            rows = await conn.fetch(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
+            if rows:
+                await conn.execute(insert, [r["id_type"] for r in rows],
+                                   [sealer.token((r["id_type"], r["value"])) for r in rows],
+                                   [r[extra[0]] for r in rows], [r[extra[1]] for r in rows])
+            converted += len(rows)
+        await conn.execute("DROP TABLE identifiers_v1, quarantined_identifiers_v1, sightings_v1")
+        converted += await _reseal_notes(conn, sealer, batch)
+    return converted
+
+
+async def _reseal_notes(conn: asyncpg.Connection, sealer: Sealer, batch: int) -> int:
+    done = 0
+    while rows := await conn.fetch(_STALE_NOTES, sorted(CONTACT_TYPES), sealer.active_key_id, batch):
+        updates = [{"customer_id": r["customer_id"], "old": r["quarantined"],
+                    "new": [n if sealer.note_is_current(n) else sealer.seal_note(sealer.open_note(n))
+                            for n in r["quarantined"]]} for r in rows]
+        await conn.execute(_SET_NOTES, updates)
+        done += len(rows)
+    return done
+
+
+async def rekey(conn: asyncpg.Connection, vault: Vault, batch: int = 5000) -> dict[str, int]:
+    """Re-seal every contact value not under the vault's active key (rotation: put the new key
+    first, restart, run this, then drop the old key). Batched; safe while workers run (each
+    update only replaces the blob it read). Also converts rows kept in clear before 002.
+    A value sealed under a key the vault no longer has raises DecryptionError: keep the old key
+    until this has run."""
+    sealer = Sealer(vault)
+    legacy = await convert_legacy(conn, sealer, batch) or 0
+    kid = vault.active_key_id.encode()
+    identifiers = 0
+    while rows := await conn.fetch(
+            "SELECT id_type, token, sealed FROM identifiers WHERE sealed IS NOT NULL "
+            "AND substring(sealed FROM 3 FOR get_byte(sealed, 1)) <> $1 LIMIT $2", kid, batch):
+        await conn.execute(
+            "UPDATE identifiers i SET sealed = u.new "
+            "FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[]) AS u(t, k, old, new) "
+            "WHERE i.id_type = u.t AND i.token = u.k AND i.sealed = u.old",
+            [r["id_type"] for r in rows], [r["token"] for r in rows], [r["sealed"] for r in rows],
+            [sealer.reseal(r["id_type"], bytes(r["token"]), bytes(r["sealed"])) for r in rows])
+        identifiers += len(rows)
+    notes = await _reseal_notes(conn, sealer, batch)
+    return {"legacy_rows": legacy, "identifiers": identifiers, "customers_notes": notes}

@@ -372,6 +372,18 @@ class _RecordChecker:
         self.has_currency = any(f.is_currency for f in fields)
         self._paths: dict[str, tuple[str, ...]] = {}
 
+    @property
+    def fields(self) -> tuple[_Field, ...]:
+        return self._fields
+
+    @fields.setter
+    def fields(self, fields: tuple[_Field, ...]) -> None:
+        # Plain tuples for the hot loop: unpacking is cheaper than attribute access.
+        self._fields = tuple(fields)
+        self._plan = tuple((f.name, f.check, f.nullable, f.has_default, f.default,
+                            isinstance(f.default, dict | list), f.is_currency) for f in self._fields)
+        self._paths = {}
+
     def _subpaths(self, path: str) -> tuple[str, ...]:
         subs = self._paths.get(path)
         if subs is None:
@@ -387,25 +399,26 @@ class _RecordChecker:
         bad = False
         if self.has_currency:
             currency = None
-        for f, sub in zip(self.fields, self._subpaths(path), strict=True):
-            raw = value.get(f.name)
-            if f.nullable and isinstance(raw, str) and not raw.strip():
-                raw = None  # "" and "   " mean absent for optional fields
-            if raw is None:
-                if f.nullable:
-                    out[f.name] = None
-                elif f.has_default:
-                    out[f.name] = _copy(f.default)
+        subs = self._paths.get(path) or self._subpaths(path)
+        for (name, check, nullable, has_default, default, mutable, is_currency), sub in zip(
+                self._plan, subs, strict=True):
+            raw = value.get(name)
+            if raw is None or (nullable and raw.__class__ is str and not raw.strip()):
+                # absent; for optional fields "" and "   " mean absent too
+                if nullable:
+                    out[name] = None
+                elif has_default:
+                    out[name] = _copy(default) if mutable else default
                 else:
                     errs.add(sub, "is required")
                     bad = True
                 continue
-            converted = f.check(raw, sub, errs, currency)
+            converted = check(raw, sub, errs, currency)
             if converted is _BAD:
                 bad = True
                 continue
-            out[f.name] = converted
-            if f.is_currency:
+            out[name] = converted
+            if is_currency:
                 currency = converted
         unknown = value.keys() - self.known
         if unknown:
@@ -509,7 +522,6 @@ def _event_schema() -> _EventSchema:
     envelope = _RecordChecker(envelope_schema, names)
     customer_field = next(f for f in schema["fields"] if f["name"] == "customer")
     customer = _RecordChecker(customer_field["type"], names, identifier_fields=True)
-    envelope._paths.clear()
     envelope.fields = tuple(
         f if f.name != "customer" else _Field(
             name="customer", check=customer, nullable=False, has_default=True,

@@ -115,7 +115,10 @@ def points_for(rules: LoyaltyRules, amount_minor: int, currency: str) -> int:
     """Points an amount earns: points_per_unit per whole base unit, floored per order."""
     if amount_minor <= 0:
         return 0
-    value = to_base_major(rules, amount_minor, currency) * rules.points_per_unit
+    ppu = rules.points_per_unit
+    if currency == rules.base_currency and ppu == ppu.to_integral_value():
+        return amount_minor * int(ppu) // 10 ** exponent(currency)  # exact in integers
+    value = to_base_major(rules, amount_minor, currency) * ppu
     return int(value.to_integral_value(rounding=ROUND_FLOOR))
 
 

@@ -104,7 +104,7 @@ async def test_two_workers_on_four_partitions_end_consistent_and_merges_reach_do
         assert all(c.applied > 0 for _, _, c, _ in workers), "both workers took part"
         pool = workers[0][0]
         per_email = await pool.fetch(
-            "SELECT i.value, count(DISTINCT j.customer_id) AS n FROM identifiers i "
+            "SELECT i.token, count(DISTINCT j.customer_id) AS n FROM identifiers i "
             "JOIN identifiers j ON j.customer_id = i.customer_id WHERE i.id_type = 'email' GROUP BY 1")
         assert len(per_email) == people
         assert await pool.fetchval("SELECT count(DISTINCT customer_id) FROM identifiers") == people

@@ -1,0 +1,36 @@
+"""How identifiers are stored: contact values sealed and bound to their blind index, other ids clear."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.identity.sealing import Sealer
+from shared.crypto import DecryptionError, Vault
+
+SEALER = Sealer(Vault.from_env({}, embedded=True))
+
+
+def test_contact_values_are_sealed_and_other_ids_stay_clear() -> None:
+    token, value, sealed = SEALER.columns(("email", "ann@example.com"))
+    assert value is None and sealed is not None and b"ann" not in sealed
+    assert token == SEALER.token(("email", "ann@example.com")) != SEALER.token(("phone", "ann@example.com"))
+    assert SEALER.open("email", token, value, sealed) == "ann@example.com"
+    assert SEALER.columns(("loyalty_id", "L-1"))[1:] == ("L-1", None)
+
+
+def test_a_sealed_value_moved_to_another_identifiers_row_does_not_open() -> None:
+    _, _, sealed = SEALER.columns(("phone", "+12125550100"))
+    other = SEALER.token(("phone", "+12125550199"))
+    with pytest.raises(DecryptionError) as err:
+        SEALER.open("phone", other, None, sealed)
+    assert "555" not in str(err.value)
+
+
+def test_quarantine_notes_round_trip_and_know_their_key() -> None:
+    note = {"type": "phone", "value": "+12125550999", "reason": "shared_identifier"}
+    stored = SEALER.seal_note(note)
+    assert "value" not in stored and "2125550999" not in repr(stored)
+    assert SEALER.note_is_current(stored) and not SEALER.note_is_current(note)
+    assert SEALER.open_note(stored) == note
+    plain = {"type": "loyalty_id", "value": "L-1", "reason": "type_limit"}
+    assert SEALER.seal_note(plain) == plain and SEALER.note_is_current(plain)
