@@ -21,6 +21,7 @@ from bench.environment import bench_environment, plain_consume_rate, produce_val
 from services.identity.handlers import IdentityHandler, IdentityMetrics
 from services.identity.normalise import Normaliser
 from services.identity.resolution import Guard
+from services.identity.wire import event_decoder
 from shared.avro import AvroCodec, SchemaRegistry
 from shared.batch_consumer import BatchConsumer, Record
 from shared.clock import WallClock
@@ -123,6 +124,7 @@ async def run(env, n: int, customers: int) -> dict:
                              group_id=f"identity.bench.{uuid.uuid4().hex[:6]}",
                              topics=[Topic(topic, EVENT)], pool=pool, handler=handler, codec=codec,
                              metrics=metrics, dlq_topic=topic + ".dlq", max_records=1000,
+                             decoder=event_decoder(codec),  # as services/identity/app.py wires it
                              on_committed=relay.wake)
     await consumer.start()
     tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]

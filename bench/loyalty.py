@@ -70,7 +70,9 @@ async def run(env, n: int) -> dict:
     events, keys = workload(n, customers=max(1000, n // 20))
     values = [codec.encode(RESOLVED, e) for e in events]
     produce = await produce_values(env.bootstrap, source, values, [k.encode() for k in keys])
+    print(f"produced {n} at {produce:.0f}/s", flush=True)
     plain = await plain_consume_rate(env.bootstrap, source, n)
+    print(f"plain consumer {plain:.0f}/s", flush=True)
     copy = await copy_rate(env.dsn, [(uuid.uuid4(), f"cust-{i}", "earn", i, i, f"ev-{i}", T0)
                                      for i in range(min(n, 200_000))],
                            ["entry_id", "customer_id", "kind", "points", "balance_after", "event_id",
@@ -92,10 +94,17 @@ async def run(env, n: int) -> dict:
     await consumer.start()
     tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
     started, first = time.perf_counter(), None
+    last, moved_at = -1, time.perf_counter()
     while consumer.applied < n:
         await asyncio.sleep(0.01)
         if first is None and consumer.applied:
             first = time.perf_counter()
+        if consumer.applied != last:
+            last, moved_at = consumer.applied, time.perf_counter()
+        elif time.perf_counter() - moved_at > 60:
+            dead = sum(s.value for m in metrics.dlq.collect() for s in m.samples
+                       if s.name.endswith("_total"))
+            raise RuntimeError(f"stalled at {consumer.applied}/{n} applied ({dead} dead-lettered)")
     elapsed = time.perf_counter() - (first or started)
     for t in tasks:
         t.cancel()

@@ -135,7 +135,7 @@ class BatchConsumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=32 << 20,
-            session_timeout_ms=10000,
+            session_timeout_ms=6000,  # a killed worker's partitions move after 6 s, not 10
             heartbeat_interval_ms=1000,
             max_poll_interval_ms=300000,
             # A fetch lost on a half-dead connection is retried after this, not after 40 s.

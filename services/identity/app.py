@@ -10,6 +10,7 @@ from services.identity import api, store
 from services.identity.handlers import IdentityHandler, IdentityMetrics, handle_stores
 from services.identity.normalise import Normaliser
 from services.identity.resolution import Guard
+from services.identity.wire import event_decoder
 from shared.crypto import Vault
 from shared.runtime import Runtime
 from shared.topics import INGEST_INTERACTIONS, INGEST_PROFILES, INGEST_SALES, INGEST_STORES
@@ -25,7 +26,8 @@ def build(runtime: Runtime) -> FastAPI:
     handler = IdentityHandler(codec=runtime.codec, normaliser=normaliser, guard=guard,
                               metrics=metrics, clock=runtime.clock,
                               save_watermark=runtime.save_watermark, vault=vault)
-    runtime.consume([INGEST_SALES, INGEST_INTERACTIONS, INGEST_PROFILES], handler)
+    runtime.consume([INGEST_SALES, INGEST_INTERACTIONS, INGEST_PROFILES], handler,
+                    decoder=event_decoder(runtime.codec))
 
     async def stores(conn, records) -> None:
         await handle_stores(handler, conn, records)

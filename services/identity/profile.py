@@ -51,6 +51,8 @@ def delta_of(event: Mapping[str, Any]) -> State:
     """What an event says about the profile (empty for events that say nothing)."""
     delta = empty()
     kind = event.get("type")
+    if kind not in PROFILE_TYPES and kind != "consent_update":
+        return delta  # before touching properties: they are decoded lazily (wire.py)
     props = event.get("properties") or {}
     if not isinstance(props, Mapping):
         return delta

@@ -23,13 +23,21 @@ class Sealer:
 
     def __init__(self, vault: Vault) -> None:
         self.vault = vault
+        self._tokens: dict[Ident, bytes] = {}
+
+    def forget(self) -> None:
+        """Drop the batch's token memo (clear values are not kept across batches)."""
+        self._tokens.clear()
 
     @property
     def active_key_id(self) -> str:
         return self.vault.active_key_id
 
     def token(self, ident: Ident) -> bytes:
-        return self.vault.index(ident[0], ident[1])
+        token = self._tokens.get(ident)
+        if token is None:
+            token = self._tokens[ident] = self.vault.index(ident[0], ident[1])
+        return token
 
     @staticmethod
     def context(kind: str, token: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -17,6 +18,19 @@ _CLAIM = """
 INSERT INTO processed_events (event_id)
 SELECT DISTINCT e FROM unnest($1::text[]) AS u(e) ORDER BY 1
 ON CONFLICT DO NOTHING RETURNING event_id
+"""
+
+# Who owns each identifier of the batch (and since when: a customer is never younger than the links
+# it holds, so an event after `linked_at` cannot move its created_at), and which are quarantined: no lock and no
+# profile columns; most events only match a customer they do not change.
+_PROBE = """
+SELECT u.n, i.customer_id, i.linked_at, q.reason
+FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(t, k, n)
+LEFT JOIN LATERAL (SELECT customer_id, linked_at FROM identifiers
+                   WHERE id_type = u.t AND token = u.k LIMIT 1) AS i ON true
+LEFT JOIN LATERAL (SELECT reason FROM quarantined_identifiers
+                   WHERE id_type = u.t AND token = u.k LIMIT 1) AS q ON true
+WHERE i.customer_id IS NOT NULL OR q.reason IS NOT NULL
 """
 
 # Customers owning any identifier of the batch, locked in id order (a fixed order: no deadlocks).
@@ -108,6 +122,20 @@ async def claim_events(conn: asyncpg.Connection, event_ids: Sequence[str]) -> se
     """Record event ids as processed; returns the ones not seen before."""
     rows = await conn.fetch(_CLAIM, list(event_ids))
     return {r["event_id"] for r in rows}
+
+
+@dataclass(frozen=True)
+class Probe:
+    owner: str | None
+    linked_at: dt.datetime | None    # the owner's created_at is at most this
+    quarantined: str | None
+
+
+async def probe(conn: asyncpg.Connection, idents: Sequence[Ident],
+                sealer: Sealer) -> dict[Ident, Probe]:
+    """Owner and quarantine state of identifiers, read without locks (absent = unknown)."""
+    rows = await conn.fetch(_PROBE, [t for t, _ in idents], [sealer.token(i) for i in idents])
+    return {idents[r["n"] - 1]: Probe(r["customer_id"], r["linked_at"], r["reason"]) for r in rows}
 
 
 async def load_graph(conn: asyncpg.Connection, graph: Graph, idents: Iterable[Ident],

@@ -51,6 +51,15 @@ class NotificationHandler:
         self.save_watermark = save_watermark
 
     async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
+        messages = []
+        for segment in in_order_segments(records):
+            messages += await self._apply(conn, segment)
+        await add_to_outbox(conn, messages)
+        if self.save_watermark is not None:
+            await self.save_watermark(conn)
+
+    async def _apply(self, conn: asyncpg.Connection, records: list[Record]) -> list:
+        """Profiles, merges and stores of the segment first, then its triggers are decided."""
         profiles: dict[str, dict | None] = {}
         stores: dict[str, str] = {}
         merged: list[tuple[str, str]] = []
@@ -91,9 +100,7 @@ class NotificationHandler:
             self.metrics.status(row["channel"], SUPPRESSED, "erased")
         if triggers:
             messages += await self._decide(conn, triggers)
-        await add_to_outbox(conn, messages)
-        if self.save_watermark is not None:
-            await self.save_watermark(conn)
+        return messages
 
     async def _decide(self, conn: asyncpg.Connection, triggers: list[Trigger]) -> list:
         for t in triggers:
@@ -126,3 +133,27 @@ class NotificationHandler:
             if isinstance(occurred, dt.datetime):
                 self.metrics.e2e_seconds.observe(max(0.0, (now - occurred).total_seconds()))
         return messages
+
+
+def in_order_segments(records: list[Record]) -> list[list[Record]]:
+    """Split a batch where a customer's profile arrives after one of their triggers.
+
+    Within a segment profiles are applied before triggers are decided, so a trigger must not
+    share a segment with a later profile of its customer: it was fired on the earlier state (a
+    thank-you fired before the consent arrived is decided without that consent). Such splits are
+    rare, so a batch stays a handful of statements.
+    """
+    segments: list[list[Record]] = [[]]
+    triggered: set[str] = set()
+    for r in records:
+        if r.topic == IDENTITY_PROFILES.name:
+            cid = r.value["customer_id"] if r.value else (r.key or b"").decode()
+            if cid in triggered:
+                segments.append([])
+                triggered = set()
+        elif r.topic == TRIGGERS_FIRED.name:
+            cid = (r.value or {}).get("customer_id") if isinstance(r.value, dict) else None
+            if cid:
+                triggered.add(cid)
+        segments[-1].append(r)
+    return [s for s in segments if s]

@@ -210,3 +210,14 @@ async def test_read_api_lists_a_customers_notifications_with_scope(env):
         assert (await client.get("/v1/customers/c1/notifications")).status_code == 401
         forbidden = await client.get("/v1/customers/c1/notifications", headers={"Authorization": "Bearer i-secret"})
         assert forbidden.status_code == 403 and forbidden.json()["error"] == "forbidden"
+
+
+async def test_a_trigger_is_decided_on_the_profile_it_was_fired_on_not_a_later_one_in_the_batch(env):
+    pool, apply, _, _ = env
+    await apply(profile("c1", consents={}), trigger("t1", "c1", kind="welcome", period=""),
+                profile("c1", consents={"email": "opted_in"}, version=2),
+                trigger("t2", "c1", kind="tier_upgrade", period="gold"))
+    rows = {r["trigger_id"]: r for r in await pool.fetch("SELECT trigger_id, status, reason FROM notifications")}
+    assert (rows["t1"]["status"], rows["t1"]["reason"]) == ("suppressed", "no_consent")
+    assert rows["t2"]["status"] != "suppressed"  # fired after the consent arrived
+    assert await pool.fetchval("SELECT consents->>'email' FROM contacts WHERE customer_id = 'c1'") == "opted_in"
