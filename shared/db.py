@@ -29,6 +29,9 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.QueryCanceledError,
     asyncpg.exceptions.InterfaceError,
+    # A backend terminated mid-query can leave the client protocol in a state it reports this way
+    # (seen with pg_terminate_backend under load); the pool replaces the connection on release.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,

@@ -92,6 +92,12 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except Exception:  # noqa: BLE001 - the relay must outlive any one failure; rows stay unsent
+                self.healthy = False
+                log.exception("outbox relay failed; retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if sent < self.batch_size:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -137,7 +137,8 @@ class Runtime:
                 self.service, self.clock.now())
 
     async def ready(self) -> dict[str, bool]:
-        checks = {"database": False, "broker": False, "consumers": all(c.healthy for c in self.consumers)}
+        checks = {"database": False, "broker": False, "consumers": all(c.healthy for c in self.consumers),
+                  "outbox_relay": self.relay is None or self.relay.healthy}
         if self.pool is not None:
             try:
                 async with asyncio.timeout(1.0):

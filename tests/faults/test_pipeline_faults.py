@@ -181,7 +181,13 @@ async def test_pipeline_survives_kills_broker_and_database_faults(faulty_pipelin
 
 
 async def _drained(p: Pipeline) -> bool:
-    return await lag(p) == 0 and await outbox_backlog(p.dsn) == 0
+    for name, proc in p.procs.items():
+        assert proc.poll() is None, f"{name} died:\n{p.tail(name)}"
+    try:
+        behind = await lag(p)
+    except httpx.HTTPError:
+        return False  # a service busy restarting its listener: look again
+    return behind == 0 and await outbox_backlog(p.dsn) == 0
 
 
 async def _balances(p: Pipeline, oracle: Oracle) -> dict[str, tuple[int, int]]:

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from shared.db import create_pool, migrate, setup_database
+from shared.db import TRANSIENT_DB_ERRORS, create_pool, migrate, setup_database
 from shared.kafka import ensure_topics, make_producer
 from shared.outbox import OutboxMessage, OutboxRelay, add_to_outbox, outbox_backlog
 from shared.topics import Topic
@@ -109,5 +109,65 @@ async def test_two_relays_on_one_schema_do_not_double_publish(broker, database, 
         finally:
             await conn.close()
     finally:
+        await producer.stop()
+        await pool.close()
+
+
+class _FailingOnce:
+    """The real producer, except that its first send raises something nobody planned for."""
+
+    def __init__(self, producer) -> None:
+        self.producer, self.failed = producer, False
+
+    async def send(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unplanned failure in the publish path")
+        return await self.producer.send(*args, **kwargs)
+
+
+async def test_relay_outlives_unplanned_errors_and_terminated_backends(broker, database, unique):
+    """Regression: a terminated backend surfaced as asyncpg InternalClientError and killed the relay
+    task, and with it the whole service (found by tests/faults/test_pipeline_faults.py)."""
+    topic = f"outbox.survive.{unique}"
+    await ensure_topics(broker, 1, [Topic(topic, None)])
+    schema = f"obs_{unique}"
+    pool = await setup_database(database, schema, None, max_size=3)
+    producer = make_producer(broker, "outbox-survive")
+    await producer.start()
+    relay = OutboxRelay(pool, _FailingOnce(producer), schema, batch_size=10)
+    task = asyncio.create_task(relay.run())
+    admin = await asyncpg.connect(database)
+    try:
+        for round_ in range(5):
+            for _attempt in range(5):  # the test's own pooled connections get terminated too
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        await add_to_outbox(conn, [OutboxMessage(topic, "k", f"{round_}-{i}".encode())
+                                                   for i in range(20)])
+                    break
+                except TRANSIENT_DB_ERRORS:
+                    continue
+            relay.wake()
+            await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+
+        async def drained() -> bool:
+            assert not task.done(), f"the relay died: {task.exception()!r}"
+            try:
+                async with pool.acquire() as conn:
+                    return await outbox_backlog(conn) == 0
+            except Exception:  # noqa: BLE001 - the test's own pool connections were terminated too
+                return False
+
+        from tests.support.polling import eventually
+
+        await eventually(drained, timeout=30, message="every row published despite the faults")
+        assert relay.published >= 100
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await admin.close()
         await producer.stop()
         await pool.close()

@@ -375,7 +375,8 @@ def test_k8s_service_has_probes_secrets_resources_and_budget(service: str) -> No
 def test_k8s_rules_configmap_is_the_rules_file() -> None:
     objects = k8s_objects()
     rules = find(objects, "ConfigMap", "omnicrm-rules")["data"]["rules.yaml"]
-    assert yaml.safe_load(rules) == load_yaml(ROOT / "deploy" / "config" / "rules.yaml")
+    assert yaml.safe_load(rules) == load_yaml(ROOT / "deploy" / "config" / "rules.yaml"), \
+        "run `python deploy/k8s/sync_rules.py` after changing deploy/config/rules.yaml"
     env = find(objects, "ConfigMap", "omnicrm-env")["data"]
     assert env["OMNICRM_RULES"] == "/etc/omnicrm/rules.yaml"
     for service in SERVICES:
