@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -72,3 +73,27 @@ async def db_conn(database: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+_SESSION_STARTED = time.time()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Privacy gate over the whole run: no service or worker log written during this session may
+    hold an email address or phone number in clear (issue 12). Fails the run when one does."""
+    from shared.pii import contains_pii
+
+    leaks: list[str] = []
+    for path in (ROOT / ".omnicrm").rglob("*.log"):
+        if path.stat().st_mtime < _SESSION_STARTED:
+            continue
+        found = contains_pii(path.read_text(errors="replace"))
+        if found:
+            leaks.append(f"{path.relative_to(ROOT)}: {len(found)} contact value(s)")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if leaks:
+        if reporter is not None:
+            reporter.write_line("PRIVACY: contact data in clear in logs:\n  " + "\n  ".join(leaks), red=True)
+        session.exitstatus = 1
+    elif reporter is not None:
+        reporter.write_line("privacy: no email or phone number in any log written by this run")
