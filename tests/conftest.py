@@ -17,7 +17,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from shared.kafka import ensure_topics
 from shared.stack import Broker, Postgres, create_database, drop_database, free_port
+from tests.support.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +75,25 @@ async def db_conn(database: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pipeline(pg_server: str) -> Iterator[Pipeline]:
+    log_dir = ROOT / ".omnicrm" / "test-logs" / "e2e"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    broker = Broker(port=free_port(), log_path=log_dir / "broker.log").start()
+    name = f"omnicrm_e2e_{uuid.uuid4().hex[:8]}"
+    dsn = asyncio.run(create_database(pg_server, name))
+    asyncio.run(ensure_topics(broker.bootstrap, 4))
+    p = Pipeline(broker.bootstrap, dsn, log_dir, env={"OMNICRM_PARTITIONS": "4"})
+    try:
+        p.start()
+        p.wait_ready(timeout=90)
+        yield p
+    finally:
+        p.stop()
+        broker.stop()
+        asyncio.run(drop_database(pg_server, name))
 
 
 _SESSION_STARTED = time.time()

@@ -36,6 +36,8 @@ from shared.topics import EVENT
 
 FieldError = dict[str, str]
 MAX_FUTURE = dt.timedelta(minutes=5)
+# Older than this is a broken till clock (epoch 0, year 1900), not history worth replaying.
+MAX_PAST = dt.timedelta(days=3650)
 MAX_IDENTIFIER_LENGTH = 256
 _LONG_MAX = (1 << 63) - 1
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
@@ -603,6 +605,8 @@ def _check_envelope_rules(envelope: dict[str, Any], raw: dict[str, Any], receive
     """The CONTRACTS rules that are about the whole event rather than one field's type."""
     if envelope["occurred_at"] > received_at + max_future:
         errs.add("occurred_at", f"is more than {int(max_future.total_seconds() // 60)} minutes in the future")
+    elif envelope["occurred_at"] < received_at - MAX_PAST:
+        errs.add("occurred_at", f"is more than {MAX_PAST.days} days in the past")
     if envelope["type"] not in STORE_TYPES:
         customer = envelope.get("customer") or {}
         if not any(customer.get(kind) for kind in IDENTIFIER_TYPES):

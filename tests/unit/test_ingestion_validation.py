@@ -357,6 +357,13 @@ def test_future_events_beyond_five_minutes_are_rejected():
     assert "occurred_at" in errors_of(event("sale", occurred_at=tokyo))
 
 
+def test_events_from_a_broken_clock_decades_ago_are_rejected():
+    assert errors_of(event("sale", occurred_at="1970-01-01T00:00:00+00:00")) == {
+        "occurred_at": "is more than 3650 days in the past"}
+    year_ago = (NOW - dt.timedelta(days=365)).isoformat()
+    assert check(event("sale", occurred_at=year_ago)).ok, "history is replayable"
+
+
 def test_store_event_start_is_a_datetime():
     raw = event("store_event")
     raw["properties"]["starts_at"] = "tomorrow"
