@@ -415,6 +415,7 @@ def _register_tools() -> None:
     from shared.cli_topics import register
 
     register(app)
+    __import__("shared.cli_privacy", fromlist=["register"]).register(app)  # erase-report, rekey, backtest
 
 
 _register_tools()

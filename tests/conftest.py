@@ -118,3 +118,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
     elif reporter is not None:
         reporter.write_line("privacy: no email or phone number in any log written by this run")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config) -> None:
+    from tests.support.fault_report import summary_lines
+
+    for line in summary_lines():
+        terminalreporter.write_line(line)

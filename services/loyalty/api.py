@@ -61,6 +61,13 @@ class LedgerPage(BaseModel):
     next_cursor: str | None
 
 
+class Erasure(BaseModel):
+    service: str
+    customer_id: str
+    erased_at: str
+    what: list[str]
+
+
 class RejectedRedemption(BaseModel):
     event_id: str
     order_id: str | None
@@ -146,6 +153,17 @@ def router(pool: Callable[[], asyncpg.Pool], rules: LoyaltyRules, clock: Clock) 
                 "SELECT event_id, order_id, requested, balance, reason, occurred_at "
                 "FROM redemption_rejections WHERE customer_id = $1 ORDER BY occurred_at DESC LIMIT 100", cid)
         return [RejectedRedemption(**dict(x)) for x in rows]
+
+    @r.get("/v1/erasures/{customer_id}", response_model=Erasure, tags=["privacy"],
+           responses={404: {"description": "no erasure recorded for this customer"}})
+    async def erasure(customer_id: str, _key=require("admin")) -> Erasure:
+        """When loyalty applied the customer's erasure and what kinds of data it dropped."""
+        async with pool().acquire() as conn:
+            row = await store.erasure_of(conn, customer_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no erasure recorded for this customer")
+        return Erasure(service="loyalty", customer_id=row["customer_id"],
+                       erased_at=row["erased_at"].isoformat(), what=list(row["what"]))
 
     return r
 

@@ -254,3 +254,25 @@ async def _write_erasures(conn: asyncpg.Connection, book: Book) -> None:
                        "WHERE customer_id = ANY($1::text[]) AND order_id IS NOT NULL", ids)
     await conn.execute("UPDATE accounts SET erased_at = coalesce(erased_at, $2) "
                        "WHERE customer_id = ANY($1::text[])", ids, at)
+    first: dict[str, dt.datetime] = {}
+    for cid, when in book.erased:
+        first[cid] = min(when, first.get(cid, when))
+    await conn.execute(_RECORD_ERASURES, list(first), list(first.values()), list(ERASED_WHAT))
+
+
+# What an erasure drops here, as named in `erasures.what` and the erase report: the order ids of
+# the ledger, the orders and the refused redemptions. Points, amounts and dates stay, anonymised.
+ERASED_ORDER_REFS = "order_refs"
+ERASED_WHAT = (ERASED_ORDER_REFS,)
+# A re-delivered erase_request keeps the first record.
+_RECORD_ERASURES = """
+INSERT INTO erasures (customer_id, erased_at, what)
+SELECT u.cid, u.at, $3::text[] FROM unnest($1::text[], $2::timestamptz[]) AS u(cid, at)
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+
+async def erasure_of(conn: asyncpg.Connection, customer_id: str) -> asyncpg.Record | None:
+    """The erasure record of `customer_id`, None when loyalty applied none."""
+    return await conn.fetchrow(
+        "SELECT customer_id, erased_at, what FROM erasures WHERE customer_id = $1", customer_id)

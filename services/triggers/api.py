@@ -108,6 +108,17 @@ def add_routes(app: FastAPI, *, pool_of, handler: TriggersHandler) -> None:
             rows = await store.customer_triggers(conn, current, limit)
         return {"customer_id": current, "triggers": [_trigger_json(r) for r in rows]}
 
+    @app.get("/v1/erasures/{customer_id}", tags=["privacy"],
+             responses={404: {"description": "no erasure recorded for this customer"}})
+    async def erasure(customer_id: str, _key=require("admin")) -> dict[str, Any]:
+        """When triggers applied the customer's erasure and what kinds of data it dropped."""
+        async with pool_of().acquire() as conn:
+            row = await store.erasure_of(conn, customer_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no erasure recorded for this customer")
+        return {"service": "triggers", "customer_id": row["customer_id"],
+                "erased_at": row["erased_at"].isoformat(), "what": list(row["what"])}
+
     @app.post("/v1/segments/query", tags=["segments"])
     async def segment_query(request: Request, _key=require("read")) -> dict[str, Any]:
         """Count and list (first 1000) the customers matching a segment of CONTRACTS §3."""

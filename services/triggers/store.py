@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -151,6 +151,37 @@ async def erase_customers(conn: asyncpg.Connection, ids: Sequence[str]) -> None:
         return
     await delete_facts(conn, ids)
     await conn.execute("DELETE FROM customer_events WHERE owner = ANY($1::text[])", list(ids))
+
+
+# What an erasure drops here, as named in `erasures.what` and the erase report. Fired trigger ids,
+# kinds, periods and offers stay: they hold nothing personal and keep a replay from firing twice.
+ERASED_FACTS = "facts"                  # profile facts, carts, categories, points lots
+ERASED_EVENTS = "stored_events"         # the customer's events kept for re-deriving facts
+ERASED_PURCHASES = "purchases"          # spend per order
+ERASED_FIRED_CONTEXT = "fired_context"  # context of fired triggers (birthday, store, category ...)
+ERASED_WHAT = (ERASED_FACTS, ERASED_EVENTS, ERASED_PURCHASES, ERASED_FIRED_CONTEXT)
+# A re-delivered or repeated erase_request keeps the first record.
+_RECORD_ERASURES = """
+INSERT INTO erasures (customer_id, erased_at, what)
+SELECT u.cid, u.at, $3::text[] FROM unnest($1::text[], $2::timestamptz[]) AS u(cid, at)
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+
+async def record_erasures(conn: asyncpg.Connection, erased: Mapping[str, dt.datetime]) -> None:
+    """Blank the context of the customers' fired triggers and record their erasures (when, what)."""
+    if not erased:
+        return
+    ids = sorted(erased)
+    await conn.execute("UPDATE fired_triggers SET context = '{}'::jsonb "
+                       "WHERE customer_id = ANY($1::text[]) AND context <> '{}'::jsonb", ids)
+    await conn.execute(_RECORD_ERASURES, ids, [erased[c] for c in ids], list(ERASED_WHAT))
+
+
+async def erasure_of(conn: asyncpg.Connection, customer_id: str) -> asyncpg.Record | None:
+    """The erasure record of `customer_id`, None when triggers applied none."""
+    return await conn.fetchrow(
+        "SELECT customer_id, erased_at, what FROM erasures WHERE customer_id = $1", customer_id)
 
 
 # -- events, purchases, merges -----------------------------------------------------------------

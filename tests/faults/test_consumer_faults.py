@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 
 import asyncpg
 import pytest
@@ -19,6 +20,7 @@ from tests.integration.test_batch_consumer import (
     start_worker,
     stop,
 )
+from tests.support import fault_report as report
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -50,8 +52,13 @@ async def test_dropped_stalled_and_slow_broker_connections_lose_and_duplicate_no
         proxy.set_latency(0.0)
         assert (await applied_stats(database, schema))[0] < n, "the faults must land mid-stream"
         await eventually(lambda: _above(database, schema, n - 1), timeout=120, message="all applied")
-        assert await applied_stats(database, schema) == (n, n, n)
+        assert report.invariant("consumer applies exactly once under broker faults",
+                                await applied_stats(database, schema) == (n, n, n))
         assert worker.poll() is None, "the worker died instead of reconnecting"
+        report.fault("broker connections dropped", 3)
+        report.fault("broker stalled", 1)
+        report.fault("broker latency", 1)
+        report.events("consumer records", n)
     finally:
         proxy.stall(False)
         proxy.set_latency(0.0)
@@ -79,8 +86,65 @@ async def test_database_backends_terminated_mid_batch_lose_and_duplicate_nothing
                              message=f"progress after terminating backends ({round_})")
         assert (await applied_stats(database, schema))[0] < n, "the faults must land mid-stream"
         await eventually(lambda: _above(database, schema, n - 1), timeout=120, message="all applied")
-        assert await applied_stats(database, schema) == (n, n, n)
+        assert report.invariant("consumer applies exactly once under database faults",
+                                await applied_stats(database, schema) == (n, n, n))
         assert worker.poll() is None, "the worker died instead of reconnecting"
+        report.fault("database backends terminated mid-batch", 3)
+        report.events("consumer records", n)
     finally:
+        await admin.close()
+        stop(worker)
+
+
+async def test_worker_killed_during_a_rebalance_loses_and_duplicates_nothing(broker, database, unique):
+    topic, dlq, schema = f"fault.reb.{unique}", f"fault.rebdlq.{unique}", f"fault_reb_{unique}"
+    await ensure_topics(broker, 4, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    n = 6000
+    await produce(broker, topic, [merge_record(i) for i in range(n)])
+    a = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}", dlq=dlq,
+                     name="a", delay=0.05, max_records=50)
+    b = None
+    try:
+        await eventually(lambda: _above(database, schema, 300), timeout=60, message="worker a applying")
+        b = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}", dlq=dlq,
+                         name="b", delay=0.05, max_records=50)
+        # b's join starts a rebalance; kill a while the group is rebalancing (b's start takes ~1 s)
+        await asyncio.sleep(1.5)
+        stop(a, signal.SIGKILL)
+        assert (await applied_stats(database, schema))[0] < n, "the kill must land mid-stream"
+        await eventually(lambda: _above(database, schema, n - 1), timeout=120, message="all applied by b")
+        assert report.invariant("exactly once across a kill during a rebalance",
+                                await applied_stats(database, schema) == (n, n, n))
+        report.fault("worker SIGKILLed during a rebalance", 1)
+        report.events("consumer records", n)
+    finally:
+        stop(a, signal.SIGKILL)
+        if b is not None:
+            stop(b)
+
+
+async def test_statement_timeouts_under_lock_contention_are_retried_not_lost(broker, database, unique):
+    topic, dlq, schema = f"fault.st.{unique}", f"fault.stdlq.{unique}", f"fault_st_{unique}"
+    await ensure_topics(broker, 4, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    n = 4000
+    await produce(broker, topic, [merge_record(i) for i in range(n)])
+    admin = await asyncpg.connect(database)
+    db = await admin.fetchval("SELECT current_database()")
+    await admin.execute(f'ALTER DATABASE "{db}" SET statement_timeout = 300')
+    worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
+                          dlq=dlq, name="w", delay=0.05, max_records=50)
+    try:
+        await eventually(lambda: _above(database, schema, 300), timeout=60, message="worker applying")
+        # Hold the table the handler writes for 2 s: its statements hit the 300 ms timeout.
+        async with admin.transaction():
+            await admin.execute(f"LOCK TABLE {schema}.applied IN ACCESS EXCLUSIVE MODE")
+            await asyncio.sleep(2.0)  # the fault's duration, not synchronisation
+        await eventually(lambda: _above(database, schema, n - 1), timeout=120, message="all applied")
+        assert report.invariant("exactly once across statement timeouts",
+                                await applied_stats(database, schema) == (n, n, n))
+        assert worker.poll() is None
+        report.fault("statement timeouts (lock contention)", 1)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{db}" RESET statement_timeout')
         await admin.close()
         stop(worker)

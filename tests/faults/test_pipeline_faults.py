@@ -28,8 +28,9 @@ from shared.replay import read_range
 from shared.stack import Broker, create_database, drop_database, free_port
 from shared.topics import IDENTITY_EVENTS, TRIGGERS_FIRED, Topic
 from tests.conftest import ROOT
+from tests.support import fault_report as report
 from tests.support.oracle import Oracle
-from tests.support.pipeline import INGEST_KEY, READ_KEY, SERVICES, Pipeline, auth
+from tests.support.pipeline import INGEST_KEY, PII_KEY, READ_KEY, SERVICES, Pipeline, auth
 from tests.support.polling import eventually
 from tests.support.tcp_proxy import TcpProxy
 
@@ -151,16 +152,18 @@ async def test_pipeline_survives_kills_broker_and_database_faults(faulty_pipelin
     by_event: dict[str, set[str]] = {}
     for r in resolved:
         by_event.setdefault(r["event"]["event_id"], set()).add(r["customer_id"])
-    assert set(by_event) == expected_resolved, "every accepted customer event resolved"
-    assert all(len(ids) == 1 for ids in by_event.values()), "a re-delivery never resolves differently"
+    assert report.invariant("every accepted event resolved exactly once", set(by_event) == expected_resolved)
+    assert report.invariant("a re-delivery never resolves differently",
+                            all(len(ids) == 1 for ids in by_event.values()))
 
     fired = await topic_values(p.bootstrap, TRIGGERS_FIRED)
     periods = Counter((t["kind"], t["customer_id"], t["period"]) for t in {t["trigger_id"]: t for t in fired}.values())
-    assert max(periods.values(), default=1) == 1, "no trigger fired twice for one period"
+    assert report.invariant("no trigger fired twice", max(periods.values(), default=1) == 1)
 
     balances = await _balances(p, oracle)
     mismatched = {k: v for k, v in balances.items() if v[0] != v[1]}
-    assert not mismatched, f"ledger differs from the independent computation: {list(mismatched.items())[:5]}"
+    assert report.invariant("ledgers equal the independent computation", not mismatched,
+                            str(list(mismatched.items())[:5])), mismatched
 
     conn = await asyncpg.connect(p.dsn)
     try:
@@ -169,11 +172,21 @@ async def test_pipeline_survives_kills_broker_and_database_faults(faulty_pipelin
         dup_notes = await conn.fetchval(
             "SELECT count(*) FROM (SELECT trigger_id FROM notifications.notifications "
             "WHERE status IN ('sent','delivered') GROUP BY trigger_id HAVING count(*) > 1) d")
+        sent_rows = await conn.fetch(
+            "SELECT customer_id, channel FROM notifications.notifications WHERE status IN ('sent', 'delivered')")
     finally:
         await conn.close()
-    assert dup_notes == 0, "a trigger was sent more than once"
+    unconsented = await _sends_never_consented(p, oracle, [(r["customer_id"], r["channel"]) for r in sent_rows])
+    assert report.invariant("no send duplicated", dup_notes == 0)
+    assert report.invariant("no message without consent", unconsented == 0, f"{unconsented} sends")
     for name in SERVICES:
-        assert httpx.get(f"{p.url(name)}/ready", timeout=5).status_code == 200, f"{name} left unready"
+        assert report.invariant("no service left unready",
+                                httpx.get(f"{p.url(name)}/ready", timeout=5).status_code == 200), name
+    report.invariant("lag and outbox drained", True)
+    for kind, n in injected.items():
+        report.fault(kind, n)
+    report.events("pipeline events published", len(events))
+    report.events("customer events resolved", len(by_event))
     print(f"\nfault summary: injected {dict(injected)}; events {len(events)} "
           f"({len(valid)} valid, {len(events) - len(oracle.events)} malformed); resolved {len(by_event)}; "
           f"triggers {len(periods)}; sends {sends}; ledgers checked {len(balances)}; violations 0; "
@@ -188,6 +201,26 @@ async def _drained(p: Pipeline) -> bool:
     except httpx.HTTPError:
         return False  # a service busy restarting its listener: look again
     return behind == 0 and await outbox_backlog(p.dsn) == 0
+
+
+async def _sends_never_consented(p: Pipeline, oracle: Oracle, sends: list[tuple[str, str]]) -> int:
+    """Sends on a channel the person (per the generated input) never opted in to."""
+    ever_in: dict[str, set[str]] = {}
+    for event in oracle.events:
+        if event["type"] == "consent_update" and (key := oracle.key_of(event)):
+            for channel, state in event["properties"]["consents"].items():
+                if state == "opted_in":
+                    ever_in.setdefault(key, set()).add(channel)
+    bad = 0
+    async with httpx.AsyncClient(timeout=10) as http:
+        for customer_id, channel in sends:
+            profile = (await http.get(f"{p.url('identity')}/v1/customers/{customer_id}",
+                                      headers=auth(PII_KEY))).json()
+            keys = {oracle._key.get(f"{kind}:{v}") for kind, values in profile.get("identifiers", {}).items()
+                    for v in values} - {None}
+            if not any(channel in ever_in.get(k, set()) for k in keys):
+                bad += 1
+    return bad
 
 
 async def _balances(p: Pipeline, oracle: Oracle) -> dict[str, tuple[int, int]]:

@@ -30,6 +30,7 @@ from shared.topics import (
     MERGE,
     TRIGGERS_FIRED,
 )
+from tests.support import fault_report as report
 from tests.support.oracle import Oracle
 from tests.support.pipeline import INGEST_KEY, READ_KEY, Pipeline, auth
 from tests.support.polling import eventually
@@ -135,6 +136,10 @@ async def test_poison_on_every_consumed_topic_is_dead_lettered_and_partitions_ke
         return reasons if reasons["ingestion"][INGEST_RAW.name] else None
 
     reasons = await eventually(all_dead_lettered, timeout=60, message="every poison record dead-lettered")
+    for topic_name, labels in sent.items():
+        report.fault(f"poison records on {topic_name}", len(labels))
+    report.fault("poison JSON on ingest.raw.v1", 3)
+    report.invariant("poison dead-lettered with its reason, partitions moving", True)
     for service in ("identity", "loyalty", "triggers", "notifications"):
         text = httpx.get(f"{p.url(service)}/metrics", timeout=5).text
         assert f'omnicrm_{service}_dlq_total{{reason="unknown_schema"}}' in text
@@ -164,6 +169,8 @@ async def test_hostile_events_at_the_edge_are_rejected_with_their_reason(pipelin
         return {e["event_id"] for e in hostile} <= ids
 
     await eventually(in_dlq, timeout=30, message="hostile events on ingest.dlq.v1")
+    report.fault("hostile events at the edge", len(hostile))
+    report.invariant("hostile input rejected with its field", True)
 
 
 async def test_the_same_input_twice_over_http_and_the_raw_topic_counts_once(pipeline):
@@ -196,3 +203,6 @@ async def test_the_same_input_twice_over_http_and_the_raw_topic_counts_once(pipe
         return True
 
     await eventually(ledgers_match, timeout=90, interval=1.0, message="ledgers equal the oracle, input counted once")
+    report.fault("duplicate publications (HTTP twice + raw topic)", 2 * len(clean))
+    report.events("duplicated-input events", len(clean))
+    report.invariant("input published twice counts once", True)
