@@ -166,7 +166,7 @@ class TriggersHandler:
 
         touched: set[str] = set()
         deleted: set[str] = set()
-        erased: set[str] = set()
+        erased: dict[str, dt.datetime] = {}  # customer -> when its erase_request was applied
         purchases: list[tuple[str, str, dt.datetime, int]] = []
         triggers: list[Trigger] = []
         merges: list[dict[str, Any]] = []
@@ -203,7 +203,7 @@ class TriggersHandler:
                 if ev["type"] == "erase_request":
                     facts[cid] = None
                     touched.discard(cid)
-                    erased.add(cid)
+                    erased.setdefault(cid, now)
                     continue
                 f = live(cid)
                 # Whatever fell due before this event happened is decided before it is folded.
@@ -248,6 +248,8 @@ class TriggersHandler:
         # so the customers' tiers and places are judged identically in every replay.
 
         await self.fire(conn, triggers)
+        # After firing: a trigger of this batch that fired before the erasure loses its context too.
+        await store.record_erasures(conn, erased)
         if self.event_clock:
             await store.save_watermarks(conn, self._batch_marks)
         if self.save_watermark is not None:
