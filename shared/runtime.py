@@ -127,6 +127,19 @@ class Runtime:
             )
             await consumer.start()
             self.consumers.append(consumer)
+        self._initialise_metric_series(dlq)
+
+    def _initialise_metric_series(self, dlq: str) -> None:
+        """Expose every documented family from the start (at zero), so dashboards and `absent()`
+        alerts see a quiet service as quiet, not as missing."""
+        m = self.metrics
+        for spec in self._consumer_specs:
+            for topic in spec["topics"]:
+                m.events_consumed.labels(topic=topic.name)
+        m.events_produced.labels(topic=dlq)
+        for reason in ("not_single_object", "unknown_schema", "malformed_avro"):
+            m.dlq.labels(reason=reason)
+        m.retries.labels(kind="TransientError")
 
     async def save_watermark(self, conn: asyncpg.Connection) -> None:
         """Persist the event clock with the batch so a restart resumes the same time."""

@@ -124,3 +124,19 @@ def router(deps: ApiDeps) -> APIRouter:
                 "identifiers_moved": len(split.moved)}
 
     return r
+
+
+def privacy_router(deps: ApiDeps) -> APIRouter:
+    r = APIRouter(prefix="/v1/erasures", tags=["privacy"])
+
+    @r.get("/{customer_id}", responses={404: {"description": "no erasure recorded"}})
+    async def erasure(customer_id: str, key: ApiKey = require("admin")) -> dict:
+        """When identity erased this customer (or a customer merged into it) and what it dropped."""
+        async with deps.get_pool().acquire() as conn:
+            row = await store.erasure_of(conn, customer_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no erasure recorded for this customer")
+        return {"service": "identity", "customer_id": row["customer_id"],
+                "erased_at": row["erased_at"].isoformat(), "what": list(row["what"])}
+
+    return r

@@ -41,8 +41,10 @@ def build(runtime: Runtime) -> FastAPI:
 
     runtime.every(3600, prune, name="prune-sightings")
     app = runtime.http("omnicrm identity")
-    app.include_router(api.router(api.ApiDeps(
+    deps = api.ApiDeps(
         pool=lambda: runtime.pool, codec=runtime.codec, clock=runtime.clock,
         normaliser=normaliser, metrics=metrics, vault=vault,
-        on_commit=lambda: runtime.relay.wake() if runtime.relay is not None else None)))
+        on_commit=lambda: runtime.relay.wake() if runtime.relay is not None else None)
+    app.include_router(api.router(deps))
+    app.include_router(api.privacy_router(deps))
     return app

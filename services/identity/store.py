@@ -192,6 +192,22 @@ async def save_customers(conn: asyncpg.Connection, customers: Iterable[Customer]
         await conn.execute(_UPSERT_CUSTOMERS, rows)  # the pool's jsonb codec encodes it
 
 
+_RECORD_ERASURES = """
+INSERT INTO erasures (customer_id, erased_at, what)
+SELECT m, now(), ARRAY['identifiers', 'profile_fields', 'quarantine_notes']
+FROM customers c, jsonb_array_elements_text(c.members) AS m
+WHERE c.customer_id = ANY($1::text[])
+UNION
+SELECT id, now(), ARRAY['identifiers', 'profile_fields', 'quarantine_notes'] FROM unnest($1::text[]) AS id
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+
+async def erasure_of(conn: asyncpg.Connection, customer_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT customer_id, erased_at, what FROM erasures WHERE customer_id = $1",
+                               customer_id)
+
+
 async def save_graph(conn: asyncpg.Connection, graph: Graph, merges: Sequence[MergeEdge],
                      link_events: dict[Ident, tuple[str, dt.datetime]], sealer: Sealer) -> None:
     """Write what a batch changed: customers, re-pointed / erased / new links, merges, guard state."""
@@ -203,6 +219,7 @@ async def save_graph(conn: asyncpg.Connection, graph: Graph, merges: Sequence[Me
         erased = sorted(graph.erased)
         await conn.execute("DELETE FROM identifiers WHERE customer_id = ANY($1::text[])", erased)
         await conn.execute(_ERASE_MEMBERS, erased)
+        await conn.execute(_RECORD_ERASURES, erased)
     if graph.removed:
         gone = sorted(graph.removed)
         await conn.execute(

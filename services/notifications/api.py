@@ -72,11 +72,16 @@ def install_routes(app: FastAPI, *, pool: Callable[[], asyncpg.Pool], codec: Avr
     router = APIRouter(prefix="/v1")
 
     @router.get("/customers/{customer_id}/notifications", tags=["notifications"])
-    async def customer_notifications(customer_id: str, limit: int = 200, _=require("read")) -> dict:
-        """Every notification decision for the customer (and customers merged into them), newest first."""
+    async def customer_notifications(customer_id: str, limit: int = 200, include_held: bool = False,
+                                     _=require("read")) -> dict:
+        """Every notification decision for the customer (and customers merged into them), newest first.
+
+        One current row per trigger. A trigger still waiting for the customer's profile
+        (`pending` / `awaiting_profile`) is not decided yet: listed only with `include_held=true`.
+        """
         limit = max(1, min(limit, 1000))
         async with pool().acquire() as conn:
-            rows = await store.list_for_customer(conn, customer_id, limit)
+            rows = await store.list_for_customer(conn, customer_id, limit, include_held=include_held)
         return {"customer_id": customer_id, "notifications": [_view(r) for r in rows]}
 
     @router.get("/erasures/{customer_id}", tags=["privacy"])

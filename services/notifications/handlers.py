@@ -2,6 +2,11 @@
 
 Nothing is sent here: a decided notification is a row due at `scheduled_for` that the
 dispatcher (sender.py) picks up after this transaction commits.
+
+A trigger can overtake its customer's profile (it is two hops after identity, the profile one).
+Such a trigger is held (`pending` / `awaiting_profile`, no channel, keyed by
+notification_id(trigger_id, None)) and decided for real when the profile is applied; its real
+decision replaces the held row, so the customer's list shows one current decision per trigger.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from services.notifications.contacts import contact_from_profile
 from services.notifications.metrics import NotificationMetrics
 from services.notifications.outcomes import outcome_message
 from services.notifications.policy import (
+    NO_CONTACT,
     SUPPRESSED,
     NotificationRules,
     Trigger,
     decide_all,
+    hold_deadline,
+    hold_expired,
 )
 from services.notifications.templates import Templates
 from shared.avro import AvroCodec
@@ -29,7 +37,7 @@ from shared.clock import Clock
 from shared.crypto import Vault
 from shared.errors import PermanentError
 from shared.outbox import add_to_outbox
-from shared.topics import IDENTITY_MERGES, IDENTITY_PROFILES, INGEST_STORES, TRIGGERS_FIRED
+from shared.topics import IDENTITY_MERGES, IDENTITY_PROFILES, INGEST_STORES, TRIGGER, TRIGGERS_FIRED
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,7 @@ class NotificationHandler:
         merged: list[tuple[str, str]] = []
         unmerged: list[str] = []
         triggers: list[Trigger] = []
+        raw: dict[str, bytes] = {}  # trigger_id -> the record as consumed, kept if it is held
         for r in records:
             if r.topic == IDENTITY_PROFILES.name:
                 cid = r.value["customer_id"] if r.value else (r.key or b"").decode()
@@ -83,9 +92,12 @@ class NotificationHandler:
                         stores[s["store_id"]] = s["timezone"]
             elif r.topic == TRIGGERS_FIRED.name:
                 try:
-                    triggers.append(Trigger.from_record(r.value))
+                    t = Trigger.from_record(r.value)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise PermanentError("bad_trigger", type(exc).__name__) from exc
+                triggers.append(t)
+                raw.setdefault(t.trigger_id, r.raw if r.raw is not None
+                               else self.codec.encode(TRIGGER, r.value))
 
         await store.upsert_stores(conn, sorted(stores.items()))
         await store.apply_merges(conn, merged, unmerged)
@@ -98,22 +110,64 @@ class NotificationHandler:
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
                                             occurred_at=now))
             self.metrics.status(row["channel"], SUPPRESSED, "erased")
-        if triggers:
-            messages += await self._decide(conn, triggers)
-        return messages
-
-    async def _decide(self, conn: asyncpg.Connection, triggers: list[Trigger]) -> list:
         for t in triggers:
             self.clock.observe(t.fired_at)
+        released, expired = await self._release(conn, [c.customer_id for c in live])
+        messages += expired
+        if triggers or released:
+            messages += await self._decide(conn, triggers, raw, released)
+        return messages
+
+    async def _release(self, conn: asyncpg.Connection,
+                       customer_ids: list[str]) -> tuple[list[Trigger], list]:
+        """Held triggers of customers whose profile was just applied: to decide now, or too late.
+
+        Decided as of now (the profile's application); a hold whose grace period is already over
+        ends no_contact here exactly as the dispatcher's sweep would have ended it.
+        """
+        held = await store.held_for(conn, customer_ids)
+        if not held:
+            return [], []
         now = self.clock.now()
-        inputs = await store.decision_inputs(conn, [t.customer_id for t in triggers],
+        late = [str(r["notification_id"]) for r in held if hold_expired(r["due_at"], now)]
+        messages = []
+        for row in await store.expire_held(conn, now, late):
+            messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason=NO_CONTACT,
+                                            occurred_at=now))
+            self.metrics.status(None, SUPPRESSED, NO_CONTACT)
+        triggers, taken = [], []
+        for r in held:
+            if hold_expired(r["due_at"], now):
+                continue
+            try:
+                triggers.append(Trigger.from_record(self.codec.decode(bytes(r["held_trigger"]), TRIGGER)))
+            except Exception:  # noqa: BLE001 - left held: the sweep ends it no_contact
+                log.exception("held trigger unreadable", extra={"trigger_id": r["trigger_id"]})
+                continue
+            taken.append(str(r["notification_id"]))
+        await store.drop_held(conn, taken)
+        return triggers, messages
+
+    async def _decide(self, conn: asyncpg.Connection, triggers: list[Trigger],
+                      raw: dict[str, bytes], released: list[Trigger]) -> list:
+        now = self.clock.now()
+        everything = released + triggers
+        inputs = await store.decision_inputs(conn, [t.customer_id for t in everything],
                                              [t.trigger_id for t in triggers])
-        decisions = decide_all(triggers, now=now, rules=self.rules, **inputs)
-        self.metrics.duplicates.inc(len(triggers) - len(decisions))
+        # Released triggers were seen (their held row, dropped above), and are decided now.
+        inputs["seen"] -= {t.trigger_id for t in released}
+        decisions = decide_all(everything, now=now, rules=self.rules, **inputs)
+        self.metrics.duplicates.inc(len(everything) - len(decisions))
         rows = []
         for d in decisions:
             subject = body = locale = None
             params: dict[str, str] = {}
+            if d.held:
+                rows.append(store.decision_row(
+                    d, subject=None, body=None, locale=None, params={}, decided_at=now,
+                    due_at=hold_deadline(d.trigger, now, self.rules),
+                    held_trigger=raw.get(d.trigger.trigger_id)))
+                continue
             if d.status != SUPPRESSED:
                 rendered = self.templates.render(d.trigger, inputs["contacts"].get(d.trigger.customer_id),
                                                  d.timezone)
@@ -130,7 +184,7 @@ class NotificationHandler:
                                             reason=row["reason"], occurred_at=now))
             self.metrics.status(row["channel"], row["status"], row["reason"])
             occurred = row["trigger_occurred_at"]
-            if isinstance(occurred, dt.datetime):
+            if isinstance(occurred, dt.datetime) and row["held_trigger"] is None:
                 self.metrics.e2e_seconds.observe(max(0.0, (now - occurred).total_seconds()))
         return messages
 

@@ -29,6 +29,10 @@ ACTIVE = frozenset({PENDING, DEFERRED, SENT, DELIVERED})
 NO_CONSENT, NO_CONTACT, FREQUENCY_CAP, ERASED, DUPLICATE, UNKNOWN_KIND = (
     "no_consent", "no_contact", "frequency_cap", "erased", "duplicate", "unknown_kind")
 QUIET_HOURS = "quiet_hours"
+# A trigger for a customer whose profile has not reached this service yet (the trigger is two hops
+# after identity, the profile one: a brand-new signup's welcome can overtake its profile). It waits,
+# `pending` with no channel, until the profile arrives or the grace period ends (then no_contact).
+AWAITING_PROFILE = "awaiting_profile"
 
 # When two promotional triggers compete for one day's slot in the same batch, the first here
 # wins: time-critical, personal offers before generic ones. Overridable by rules `priority`.
@@ -75,6 +79,7 @@ class NotificationRules:
     provider_concurrency: Mapping[str, int] = field(
         default_factory=lambda: {"email": 8, "sms": 8, "whatsapp": 8})
     locales: tuple[str, ...] = ("en", "zh-Hans", "zh-Hant")
+    profile_grace_seconds: float = 300.0
 
     @classmethod
     def from_rules(cls, rules: Mapping[str, Any]) -> NotificationRules:
@@ -99,6 +104,7 @@ class NotificationRules:
             max_delay_seconds=float(retry.get("max_delay_seconds", d.max_delay_seconds)),
             provider_concurrency=dict(n.get("provider_concurrency") or d.provider_concurrency),
             locales=tuple(n.get("locales") or d.locales),
+            profile_grace_seconds=float(n.get("profile_grace_seconds", d.profile_grace_seconds)),
         )
 
     @property
@@ -156,6 +162,21 @@ class PriorNotice:
     promotional: bool
     cap_date: dt.date | None
     status: str
+    reason: str | None = None
+
+    @property
+    def counts(self) -> bool:
+        """Reached, or may still reach, the customer: counts for caps and duplicates.
+
+        A trigger held for its profile does not: it has no channel yet and may end no_contact;
+        when it is decided, its real decision joins the history instead.
+        """
+        return self.status in ACTIVE and not is_held(self.status, self.reason)
+
+
+def is_held(status: str, reason: str | None) -> bool:
+    """A notification waiting for its customer's profile (no channel chosen yet)."""
+    return status == PENDING and reason == AWAITING_PROFILE
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,24 @@ class Decision:
     @property
     def notification_id(self) -> str:
         return notification_id(self.trigger.trigger_id, self.channel)
+
+    @property
+    def held(self) -> bool:
+        return is_held(self.status, self.reason)
+
+
+def hold_deadline(trigger: Trigger, now: dt.datetime, rules: NotificationRules) -> dt.datetime:
+    """Until when a trigger waits for its customer's profile before it ends no_contact."""
+    return max(now, trigger.fired_at) + dt.timedelta(seconds=rules.profile_grace_seconds)
+
+
+def hold_expired(deadline: dt.datetime | None, now: dt.datetime) -> bool:
+    """The grace period is over: the held trigger ends no_contact, even if its profile is here now.
+
+    Checked both by the dispatcher's sweep and when a profile arrives, so under the event clock
+    the result depends on event times only, not on whether the sweep ran first.
+    """
+    return deadline is not None and deadline <= now
 
 
 @lru_cache(maxsize=512)
@@ -268,11 +307,13 @@ def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
     if erased and contact is None:
         return suppressed(ERASED)
     if trigger.period and any(
-            p.kind == trigger.kind and p.period == trigger.period and p.status in ACTIVE
+            p.kind == trigger.kind and p.period == trigger.period and p.counts
             and p.trigger_id != trigger.trigger_id for p in history):
         return suppressed(DUPLICATE)
     if contact is None:
-        return suppressed(NO_CONTACT)
+        # Not known here yet, not erased: the profile is most likely still on its way.
+        return Decision(trigger, PENDING, AWAITING_PROFILE, None, (), None, None, tz_name,
+                        promotional)
     channels, reason = choose_channels(contact, rules)
     if reason is not None:
         return suppressed(reason)
@@ -282,7 +323,7 @@ def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
     scheduled = wake or send_at
     cap_date = scheduled.astimezone(tz).date()
     if promotional:
-        counted = [p.cap_date for p in history if p.promotional and p.status in ACTIVE
+        counted = [p.cap_date for p in history if p.promotional and p.counts
                    and p.cap_date is not None]
         if cap_blocks(cap_date, counted, rules):
             return suppressed(FREQUENCY_CAP)
@@ -295,6 +336,9 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
                now: dt.datetime, rules: NotificationRules,
                store_timezones: Mapping[str, str] | None = None) -> list[Decision]:
     """Decide a batch: triggers already seen are dropped; per customer, higher priority first.
+
+    Triggers released from a hold (their profile arrived) come in here too, with the new ones,
+    so they compete for the day's slot exactly as if the profile had come first.
 
     Each decision joins the customer's history before the next one is decided, so two offers
     competing for one day's slot go to the higher-priority kind, whatever their batch order.
@@ -314,7 +358,7 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
                    now=now, rules=rules, store_timezones=store_timezones)
         decisions.append(d)
         prior.append(PriorNotice(t.trigger_id, t.kind, t.period, d.promotional, d.cap_date,
-                                 d.status))
+                                 d.status, d.reason))
     return decisions
 
 
@@ -337,7 +381,7 @@ def check_before_send(channel: str, contact: Contact | None, *, erased: bool, no
     An opt-out or an erasure after the decision still stops the message, and a send delayed
     into the night (backlog, retries) waits for morning instead of waking someone up.
     """
-    if contact is None:
+    if contact is None or channel is None:
         return SendCheck("suppress", ERASED if erased else NO_CONTACT)
     if not contact.consented(channel):
         return SendCheck("suppress", NO_CONSENT)

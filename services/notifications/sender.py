@@ -4,7 +4,8 @@ Loop: claim due rows (SKIP LOCKED, committed) -> re-check consent, contact and q
 send through the channel's provider under its concurrency limit -> record the result and its
 outcome in one short transaction. A retryable failure goes back to the queue with exponential
 back-off and jitter; a permanent one, or the last attempt, fails this channel and queues the
-next consented channel, if any. Deferred rows are claimed when their time comes.
+next consented channel, if any. Deferred rows are claimed when their time comes. Triggers held
+for a profile that never came are swept at the end of their grace period (suppressed no_contact).
 
 Crash safety: a claim belongs to a worker id whose PostgreSQL session advisory lock this
 dispatcher holds on a dedicated connection. If the process dies, the lock goes with its
@@ -32,6 +33,7 @@ from services.notifications.outcomes import outcome_message
 from services.notifications.policy import (
     DEFERRED,
     FAILED,
+    NO_CONTACT,
     PENDING,
     SENT,
     SUPPRESSED,
@@ -58,7 +60,7 @@ class Dispatcher:
                  codec: AvroCodec, clock: Clock, rules: NotificationRules,
                  metrics: NotificationMetrics, lease_seconds: float = 120.0,
                  idle_poll: float = 0.25, rng: random.Random | None = None,
-                 vault: Vault | None = None) -> None:
+                 vault: Vault | None = None, sweep_interval: float = 1.0) -> None:
         self.pool = pool
         # Opens sealed contact points at the moment of sending, and nowhere else.
         self.vault = vault if vault is not None else Vault.from_env()
@@ -78,6 +80,9 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self.sent = 0
+        # Held triggers are swept at most this often (wall time: pacing, not business time).
+        self.sweep_interval = sweep_interval
+        self._swept_at = float("-inf")
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -121,8 +126,24 @@ class Dispatcher:
         finally:
             await self.stop()
 
+    async def expire_held(self) -> int:
+        """End triggers whose profile did not arrive within the grace period: no_contact."""
+        now = self.clock.now()
+        async with self._tx() as conn:
+            rows = await store.expire_held(conn, now)
+            if rows:
+                await add_to_outbox(conn, [outcome_message(
+                    self.codec, r, status=SUPPRESSED, reason=NO_CONTACT, occurred_at=now)
+                    for r in rows])
+        for _ in rows:
+            self.metrics.status(None, SUPPRESSED, NO_CONTACT)
+        return len(rows)
+
     async def dispatch_once(self) -> int:
         """Claim what is due and free capacity allows, and start sending it; returns how many."""
+        if time.monotonic() - self._swept_at >= self.sweep_interval:
+            self._swept_at = time.monotonic()
+            await self.expire_held()
         capacity = sum(self.limits.values()) - len(self._in_flight)
         rows, contacts, erased = await store.claim_due(
             self.pool, now=self.clock.now(), limit=capacity, worker=self.worker,

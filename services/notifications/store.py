@@ -93,7 +93,7 @@ async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact],
 
 _FORGET_PENDING = """
 UPDATE notifications SET status = 'suppressed', reason = 'erased', due_at = NULL,
-       claimed_by = NULL, updated_at = now()
+       claimed_by = NULL, held_trigger = NULL, updated_at = now()
 WHERE customer_id = ANY($1::text[]) AND status IN ('pending', 'deferred')
 RETURNING *
 """
@@ -250,7 +250,7 @@ members AS (
     SELECT cid, cid AS member FROM req
     UNION SELECT r.cid, a.merged FROM req r JOIN aliases a ON a.survivor = r.cid
 )
-SELECT m.cid, n.trigger_id, n.kind, n.period, n.promotional, n.cap_date, n.status
+SELECT m.cid, n.trigger_id, n.kind, n.period, n.promotional, n.cap_date, n.status, n.reason
 FROM members m JOIN notifications n ON n.customer_id = m.member
 WHERE n.status = ANY($2::text[])
 """
@@ -270,7 +270,8 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
     history: dict[str, list[PriorNotice]] = {}
     for r in await conn.fetch(_HISTORY, cids, sorted(ACTIVE)):
         history.setdefault(r["cid"], []).append(PriorNotice(
-            r["trigger_id"], r["kind"], r["period"], r["promotional"], r["cap_date"], r["status"]))
+            r["trigger_id"], r["kind"], r["period"], r["promotional"], r["cap_date"], r["status"],
+            r["reason"]))
     store_ids = list({c.home_store_id for c in contacts.values() if c.home_store_id})
     stores = {r["store_id"]: r["timezone"] for r in await conn.fetch(
         "SELECT store_id, timezone FROM stores WHERE store_id = ANY($1::text[])", store_ids)}
@@ -281,16 +282,17 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
 _INSERT = """
 INSERT INTO notifications (notification_id, trigger_id, customer_id, kind, period, promotional,
     channel, status, reason, locale, subject, body, params, fallbacks, timezone, cap_date,
-    scheduled_for, due_at, trigger_occurred_at, decided_at)
+    scheduled_for, due_at, trigger_occurred_at, decided_at, held_trigger)
 SELECT u.nid, u.tid, u.cid, u.kind, u.period, u.promo, u.channel, u.status, u.reason, u.locale,
        u.subject, u.body, u.params::jsonb, u.fallbacks::text[], u.tz, u.cap_date, u.sched,
-       CASE WHEN u.status IN ('pending', 'deferred') THEN u.sched END, u.occurred, u.decided
+       CASE WHEN u.status IN ('pending', 'deferred') THEN COALESCE(u.due, u.sched) END,
+       u.occurred, u.decided, u.held
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[], $7::text[],
             $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
             $14::text[], $15::text[], $16::date[], $17::timestamptz[], $18::timestamptz[],
-            $19::timestamptz[])
+            $19::timestamptz[], $20::timestamptz[], $21::bytea[])
      AS u(nid, tid, cid, kind, period, promo, channel, status, reason, locale, subject, body,
-          params, fallbacks, tz, cap_date, sched, occurred, decided)
+          params, fallbacks, tz, cap_date, sched, occurred, decided, due, held)
 ON CONFLICT (notification_id) DO NOTHING
 RETURNING notification_id
 """
@@ -305,14 +307,17 @@ async def insert_decisions(conn: asyncpg.Connection, rows: Sequence[dict[str, An
     args: list[list[Any]] = [[r[c] for r in rows] for c in cols]
     args.append([orjson.dumps(dict(r.get("params") or {})).decode() for r in rows])
     args.append([_pg_array(r.get("fallbacks") or ()) for r in rows])
-    for c in ("timezone", "cap_date", "scheduled_for", "trigger_occurred_at", "decided_at"):
+    for c in ("timezone", "cap_date", "scheduled_for", "trigger_occurred_at", "decided_at",
+              "due_at", "held_trigger"):
         args.append([r.get(c) for r in rows])
     inserted = await conn.fetch(_INSERT, *args)
     return {str(r["notification_id"]) for r in inserted}
 
 
 def decision_row(d: Decision, *, subject: str | None, body: str | None, locale: str | None,
-                 params: dict[str, str], decided_at: dt.datetime) -> dict[str, Any]:
+                 params: dict[str, str], decided_at: dt.datetime,
+                 due_at: dt.datetime | None = None, held_trigger: bytes | None = None) -> dict[str, Any]:
+    """The notifications row of a decision; a held one carries its trigger and grace deadline."""
     t = d.trigger
     return {
         "notification_id": d.notification_id, "trigger_id": t.trigger_id,
@@ -323,7 +328,60 @@ def decision_row(d: Decision, *, subject: str | None, body: str | None, locale: 
         "cap_date": d.cap_date, "scheduled_for": d.scheduled_for,
         "trigger_occurred_at": t.occurred_at, "decided_at": decided_at,
         "attempt": 0, "sent_at": None, "provider": None, "provider_message_id": None,
+        "due_at": due_at, "held_trigger": held_trigger,
     }
+
+
+# -- triggers held for their profile -------------------------------------------------------------
+
+_HELD_FOR = """
+SELECT notification_id, trigger_id, customer_id, due_at, held_trigger FROM notifications
+WHERE customer_id = ANY($1::text[]) AND status = 'pending' AND reason = 'awaiting_profile'
+  AND channel IS NULL
+ORDER BY customer_id, trigger_id
+FOR UPDATE
+"""
+# Rows a consumer transaction is releasing right now are skipped (SKIP LOCKED): no waiting, no
+# deadlock, and whichever commits first wins (the other finds the row no longer held).
+_EXPIRE_HELD = """
+WITH due AS (
+    SELECT notification_id FROM notifications
+    WHERE status = 'pending' AND reason = 'awaiting_profile' AND channel IS NULL AND due_at <= $1
+      AND ($2::uuid[] IS NULL OR notification_id = ANY($2::uuid[]))
+    ORDER BY customer_id, trigger_id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE notifications n SET status = 'suppressed', reason = 'no_contact', due_at = NULL,
+       held_trigger = NULL, claimed_by = NULL, lease_until = NULL, attempt = 0, updated_at = now()
+FROM due WHERE n.notification_id = due.notification_id
+RETURNING n.*
+"""
+
+
+async def held_for(conn: asyncpg.Connection, customer_ids: Sequence[str]) -> list[asyncpg.Record]:
+    """The customers' triggers waiting for their profile, locked until this transaction ends."""
+    if not customer_ids:
+        return []
+    return await conn.fetch(_HELD_FOR, sorted(set(customer_ids)))
+
+
+async def expire_held(conn: asyncpg.Connection, now: dt.datetime,
+                      ids: Sequence[str] | None = None) -> list[asyncpg.Record]:
+    """Held triggers whose grace period is over end `suppressed` / `no_contact` (all, or `ids`).
+
+    Conditional on still being held, so a profile applied concurrently wins or loses cleanly.
+    """
+    if ids is not None and not ids:
+        return []
+    return await conn.fetch(_EXPIRE_HELD, now, list(ids) if ids is not None else None)
+
+
+async def drop_held(conn: asyncpg.Connection, ids: Sequence[str]) -> None:
+    """Remove held rows whose trigger is being decided now: its real decision replaces them."""
+    if ids:
+        await conn.execute(
+            "DELETE FROM notifications WHERE notification_id = ANY($1::uuid[]) "
+            "AND status = 'pending' AND reason = 'awaiting_profile'", list(ids))
 
 
 # -- the send queue --------------------------------------------------------------------------------
@@ -337,7 +395,7 @@ WITH live_workers AS (
 ),
 due AS (
     SELECT notification_id FROM notifications
-    WHERE status IN ('pending', 'deferred') AND due_at <= $1
+    WHERE status IN ('pending', 'deferred') AND due_at <= $1 AND channel IS NOT NULL
       AND (retry_at IS NULL OR retry_at <= clock_timestamp())
       AND (claimed_by IS NULL OR lease_until < clock_timestamp()
            OR claimed_by NOT IN (SELECT worker FROM live_workers))
@@ -373,7 +431,8 @@ async def claim_due(pool: asyncpg.Pool, *, now: dt.datetime, limit: int, worker:
 
 async def next_due_at(pool: asyncpg.Pool) -> dt.datetime | None:
     return await pool.fetchval(
-        "SELECT min(due_at) FROM notifications WHERE status IN ('pending', 'deferred')")
+        "SELECT min(due_at) FROM notifications WHERE status IN ('pending', 'deferred') "
+        "AND channel IS NOT NULL")
 
 
 async def mark_sent(conn: asyncpg.Connection, nid: str, *, provider: str,
@@ -460,9 +519,14 @@ async def contact_of(conn: asyncpg.Connection, customer_id: str) -> Contact | No
     return contact_from_row(row) if row else None
 
 
-async def list_for_customer(conn: asyncpg.Connection, customer_id: str, limit: int = 500) -> list[asyncpg.Record]:
-    """The customer's notifications, newest first, including those of customers merged into them."""
+async def list_for_customer(conn: asyncpg.Connection, customer_id: str, limit: int = 500,
+                            *, include_held: bool = False) -> list[asyncpg.Record]:
+    """The customer's notifications, newest first, including those of customers merged into them.
+
+    Triggers still waiting for the profile are not decisions yet and are left out unless asked for.
+    """
     return await conn.fetch(
-        "SELECT * FROM notifications WHERE customer_id = $1 "
-        "OR customer_id IN (SELECT merged FROM aliases WHERE survivor = $1) "
-        "ORDER BY decided_at DESC, notification_id LIMIT $2", customer_id, limit)
+        "SELECT * FROM notifications WHERE (customer_id = $1 "
+        "OR customer_id IN (SELECT merged FROM aliases WHERE survivor = $1)) "
+        "AND ($3 OR NOT (status = 'pending' AND reason IS NOT DISTINCT FROM 'awaiting_profile')) "
+        "ORDER BY decided_at DESC, notification_id LIMIT $2", customer_id, limit, include_held)

@@ -235,6 +235,21 @@ async def test_erase_request_forgets_the_person_everywhere(pipeline, http):
         return got is None or mail not in str(got)
 
     await eventually(notifications_forgotten, timeout=60, message="notifications forgot the contact")
+
+    async def every_service_recorded_it() -> dict | None:
+        answers = {}
+        for name in ("identity", "loyalty", "triggers", "notifications"):
+            got = await get_json(http, f"{p.url(name)}/v1/erasures/{old}", key=ADMIN_KEY)
+            if got is None:
+                return None
+            answers[name] = got
+        return answers
+
+    report = await eventually(every_service_recorded_it, timeout=60, message="an erasure record in every service")
+    assert all(r["customer_id"] == old and r["what"] for r in report.values()), report
+    assert mail not in str(report)
+    r = await http.get(f"{p.url('identity')}/v1/erasures/{old}", headers=auth(READ_KEY))
+    assert r.status_code == 403
     again = {"event_id": f"web-er-{tag}-again", "type": "signup", "occurred_at": rfc3339(now),
              "source": "web", "customer": {"email": mail}, "properties": {"first_name": "Erin"}}
     assert (await publish(http, p, again))["accepted"] == 1

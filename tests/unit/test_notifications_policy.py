@@ -18,6 +18,8 @@ from services.notifications.policy import (
     check_before_send,
     decide,
     decide_all,
+    hold_deadline,
+    hold_expired,
     next_fallback,
     notification_id,
     retry_delay,
@@ -84,8 +86,11 @@ def test_whatsapp_uses_the_phone_when_no_whatsapp_id_and_skips_unreachable_chann
     assert d.channel == "email" and d.fallbacks == ()
 
 
-def test_unknown_customer_no_contact_and_erased_customer_erased():
-    assert run(trig(), None).reason == "no_contact"
+def test_unknown_customer_awaits_its_profile_and_erased_customer_erased():
+    d = run(trig(), None)
+    assert (d.status, d.reason, d.channel, d.scheduled_for, d.held) == (
+        PENDING, "awaiting_profile", None, None, True)
+    assert d.notification_id == notification_id("t1", None)
     assert run(trig(), None, erased=True).reason == "erased"
 
 
@@ -236,3 +241,61 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
     assert retry_delay(1, RULES, 0.999) == pytest.approx(2.0, rel=0.01)
     assert retry_delay(3, RULES, 0.0) == pytest.approx(4.0)
     assert retry_delay(30, RULES, 0.999) <= RULES.max_delay_seconds
+
+
+# -- a trigger that overtakes its customer's profile ---------------------------------------------
+
+def test_grace_period_comes_from_rules_yaml_and_bounds_the_hold():
+    assert RULES.profile_grace_seconds == 300
+    t = trig(at=NOON_UTC)
+    deadline = hold_deadline(t, NOON_UTC - dt.timedelta(minutes=1), RULES)
+    assert deadline == NOON_UTC + dt.timedelta(seconds=300)  # from the later of now and fired_at
+    assert hold_deadline(t, NOON_UTC + dt.timedelta(minutes=1), RULES) == NOON_UTC + dt.timedelta(minutes=6)
+    assert not hold_expired(deadline, deadline - dt.timedelta(milliseconds=1))
+    assert hold_expired(deadline, deadline)
+
+
+def test_held_trigger_needs_no_consent_check_yet_but_erasure_unknown_kind_and_duplicates_still_win():
+    assert run(trig(kind="mystery"), None).reason == "unknown_kind"
+    assert run(trig(), None, erased=True).status == SUPPRESSED
+    sent = [PriorNotice("other", "birthday_coupon", "2026", True, NOON_UTC.date(), "sent")]
+    assert run(trig(), None, sent).reason == "duplicate"
+
+
+def test_a_held_trigger_counts_neither_for_duplicates_nor_caps():
+    held = PriorNotice("other", "birthday_coupon", "2026", True, None, PENDING, "awaiting_profile")
+    assert not held.counts
+    assert run(trig(), contact(), [held]).status == PENDING
+    capped = PriorNotice("x", "win_back", "lapse", True, NOON_UTC.date(), PENDING, None)
+    assert capped.counts and run(trig(), contact(), [capped]).reason == "frequency_cap"
+
+
+def test_the_released_trigger_is_decided_like_one_whose_profile_came_first():
+    """Held then released with the profile, or decided after it: the same decision and id."""
+    t = trig(kind="welcome", period="", tid="w1")
+    assert run(t, None).held
+    later = NOON_UTC + dt.timedelta(minutes=2)
+    released = run(t, contact(consents={"email": "opted_in"}), now=later)
+    assert (released.status, released.channel, released.scheduled_for) == (PENDING, "email", later)
+    assert released.notification_id == notification_id("w1", "email")
+    refused = run(t, contact(consents={}), now=later)
+    assert (refused.status, refused.reason) == (SUPPRESSED, "no_consent")
+    assert refused.notification_id == run(t, None).notification_id  # the held row's id, in place
+
+
+def test_held_triggers_released_in_one_batch_compete_by_priority():
+    """Two offers held for one customer: once the profile is there, one day's slot, by priority."""
+    a = trig(kind="win_back", tid="a", period="lapse")
+    b = trig(kind="birthday_coupon", tid="b", period="2026")
+    held = decide_all([a, b], contacts={}, erased=set(), history={}, seen=set(), now=NOON_UTC,
+                      rules=RULES)
+    assert all(d.held for d in held)  # neither blocks the other while they wait
+    decided = {d.trigger.trigger_id: d for d in decide_all(
+        [a, b], contacts={"c1": contact()}, erased=set(), history={}, seen=set(), now=NOON_UTC,
+        rules=RULES)}
+    assert decided["b"].status == PENDING and decided["a"].reason == "frequency_cap"
+
+
+def test_the_dispatcher_never_sends_a_notification_without_a_channel():
+    check = check_before_send(None, contact(), erased=False, now=NOON_UTC, tz_name="UTC", rules=RULES)
+    assert (check.action, check.reason) == ("suppress", "no_contact")
