@@ -162,5 +162,5 @@ def add_routes(app: FastAPI, *, pool_of, handler: TriggersHandler) -> None:
         body = await _json_body(request)
         as_of = _parse_time(body["as_of"], "as_of") if body.get("as_of") is not None else handler.clock.now()
         async with pool_of().acquire() as conn:
-            fired = await handler.scan(conn, as_of)
+            fired = await handler.scan_on_demand(conn, as_of)
         return {"fired": fired, "as_of": as_of.isoformat()}

@@ -207,9 +207,7 @@ class TriggersHandler:
                     continue
                 f = live(cid)
                 # Whatever fell due before this event happened is decided before it is folded.
-                for t in R.time_based(f, ev["occurred_at"], cfg, self._since(f)):
-                    R.mark_fired(f, t)
-                    triggers.append(dataclasses.replace(t, fired_at=now))
+                triggers += self._due(f, ev["occurred_at"], now)
                 shop = stores.get(ev.get("store_id") or "")
                 triggers += R.welcome(f, ev, now, cfg, shop)
                 apply_event(f, ev, money)
@@ -255,6 +253,20 @@ class TriggersHandler:
         if self.save_watermark is not None:
             await self.save_watermark(conn)
 
+    def _due(self, f: CustomerFacts, as_of: dt.datetime, now: dt.datetime) -> list[Trigger]:
+        """Time-based triggers of `f` due by `as_of`, marked fired in `f`.
+
+        Event clock: each is judged at the scan boundary it fell due at (rules.due_by_boundary), so
+        neither wall-clock scan timing nor which of a scan or the customer's next event found it
+        changes its fired_at or context. Wall clock: judged and fired now.
+        """
+        if self.event_clock:
+            return R.due_by_boundary(f, as_of, self.cfg, f.last_event_at or EPOCH, self.scan_interval)
+        due = R.time_based(f, as_of, self.cfg, None)
+        for t in due:
+            R.mark_fired(f, t)
+        return [dataclasses.replace(t, fired_at=now) for t in due]
+
     def _since(self, f: CustomerFacts) -> dt.datetime | None:
         """Event clock: the customer's facts are as they were since its last activity; wall clock: now."""
         if not self.event_clock:
@@ -267,11 +279,8 @@ class TriggersHandler:
         have made due in between is decided now, as if it had been read in event-time order."""
         if not self.event_clock or latest is None or at is None or at >= latest:
             return []
-        out = []
-        for t in rule(f, latest, self.cfg, at):
-            R.mark_fired(f, t)
-            out.append(dataclasses.replace(t, fired_at=now))
-        return out
+        # Each judged at the scan boundary it fell due at, not at this record's arrival.
+        return R.due_by_boundary(f, latest, self.cfg, at, self.scan_interval, rules=(rule,))
 
     async def _observe(self, conn: asyncpg.Connection, records: Sequence[Record]) -> list[dt.datetime]:
         """Advance the clock by each record's event time; the 'now' each record is judged at.
@@ -392,9 +401,7 @@ class TriggersHandler:
                 for f in facts.values():
                     if self.event_clock and f.last_event_at is not None and f.last_event_at > now:
                         continue  # its partition is ahead: its own next event or a later scan decides
-                    due = R.time_based(f, now, self.cfg, self._since(f))
-                    for t in due:
-                        R.mark_fired(f, t)
+                    due = self._due(f, now, now)
                     if due:
                         changed.append(f)
                         triggers += due
@@ -404,7 +411,8 @@ class TriggersHandler:
             invites: list[Trigger] = []
             for e in await store.pending_store_events(conn, now):
                 # Judged as of the announcement, whenever the scan got to it.
-                invites += [dataclasses.replace(t, fired_at=now)
+                at = min(now, R.scan_boundary(e["occurred_at"], self.scan_interval)) if self.event_clock else now
+                invites += [dataclasses.replace(t, fired_at=at)
                             for t in await self._invite(conn, e, e["occurred_at"])]
                 await store.mark_invited(conn, e["event_id"], now)
             fired += len(await self.fire(conn, invites))
@@ -432,6 +440,19 @@ class TriggersHandler:
             fired = await self.scan(conn, as_of, since=chain)
             await store.save_scan(conn, as_of)
             return fired
+
+    async def scan_on_demand(self, conn: asyncpg.Connection, as_of: dt.datetime) -> int:
+        """The admin scan. Event clock: everything due since the previous scan (not only within the
+        rules' lateness of `as_of`), and the chain moves on, so the result is the same whether or not
+        the leader's timer had caught up first; wall clock: what is due at `as_of`."""
+        if not self.event_clock:
+            return await self.scan(conn, as_of)
+        since = await store.last_scan(conn)
+        if since is not None and as_of <= since:
+            return await self.scan(conn, as_of, since=as_of)  # a look back at an earlier time
+        fired = await self.scan(conn, as_of, since=since or EPOCH)
+        await store.save_scan(conn, as_of)
+        return fired
 
     # -- campaigns -------------------------------------------------------------------------------
     async def run_campaign(self, conn: asyncpg.Connection, name: str, segment: dict[str, Any],

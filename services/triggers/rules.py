@@ -366,6 +366,53 @@ def time_based(facts: CustomerFacts, as_of: dt.datetime, cfg: RuleConfig,
     return [t for rule in TIME_RULES for t in rule(facts, as_of, cfg, since)]
 
 
+def scan_boundary(at: dt.datetime, step: dt.timedelta) -> dt.datetime:
+    """The first scan boundary (a multiple of `step` since the epoch) at or after `at`."""
+    epoch = dt.datetime(1970, 1, 1, tzinfo=UTC)
+    seconds = int(step.total_seconds()) or 1
+    elapsed = (at - epoch).total_seconds()
+    return epoch + dt.timedelta(seconds=math.ceil(elapsed / seconds) * seconds)
+
+
+def due_by_boundary(facts: CustomerFacts, as_of: dt.datetime, cfg: RuleConfig, since: dt.datetime,
+                    step: dt.timedelta, rules: tuple = ()) -> list[Trigger]:
+    """Event clock: every time-based trigger of `facts` due by `as_of`, each judged (and fired_at) at
+    the first scan boundary at or after it fell due (and after `since`), capped at `as_of`.
+
+    That is what a scan at every boundary would have fired, so the triggers, their fired_at and
+    context do not depend on when scans actually ran, nor on whether the customer's next event or a
+    scan found them. Marks what fired in `facts`. `rules`: only these (default every time-based rule).
+    """
+    chosen = rules or TIME_RULES
+    fired: set[str] = set()
+
+    def evaluate(at: dt.datetime) -> list[Trigger]:
+        return [t for rule in chosen for t in rule(facts, at, cfg, since) if t.trigger_id not in fired]
+
+    out: list[Trigger] = []
+    while True:
+        due = evaluate(as_of)
+        if not due:
+            return out
+        first = min(_known_from(facts, t, as_of) for t in due)
+        at = min(as_of, scan_boundary(max(first, since), step))
+        now = evaluate(at) if at < as_of else due
+        if not now:  # cannot happen for due-based rules; never loop on it
+            at, now = as_of, due
+        for t in now:
+            mark_fired(facts, t)
+            fired.add(t.trigger_id)
+            out.append(t)
+
+
+def _known_from(facts: CustomerFacts, t: Trigger, as_of: dt.datetime) -> dt.datetime:
+    """When a trigger became due and knowable: a birthday only from the profile that told it."""
+    at = t.occurred_at or as_of
+    if t.kind == "birthday_coupon" and facts.profile_at is not None and facts.profile_at > at:
+        return facts.profile_at
+    return at
+
+
 def mark_fired(facts: CustomerFacts, trigger: Trigger) -> None:
     """Remember in the facts what a time-based trigger decided, so later scans skip it."""
     if trigger.kind == "win_back":
