@@ -872,7 +872,12 @@ def generate(seed: int, customers: int, days: int, start: dt.datetime | dt.date,
     world = World(seed, customers, days, begin, cfg)
     bad_rng = random.Random(f"omnicrm-malformed-{seed}")
     odds = cfg.malformed_share / (1 - cfg.malformed_share)
+    end = begin + dt.timedelta(days=days)
     for event in world.events():
+        # A session that starts just before the end can run past it; the world stops at its end
+        # (otherwise feeding "the day that just ended" would send events from the future).
+        if dt.datetime.fromisoformat(event["occurred_at"]) > end:
+            continue
         yield event
         if odds and bad_rng.random() < odds:
             yield malformed_copy(bad_rng, event)

@@ -226,3 +226,17 @@ def test_oracle_counts_distinct_valid_ids(month) -> None:
     counts = oracle.counts_by_type()
     assert sum(counts.values()) == len({e["event_id"] for e in month if MALFORMED not in e})
     assert oracle.malformed and oracle.opted_out()
+
+
+def test_no_event_after_the_world_ends() -> None:
+    """Regression: a web session begun just before the end ran past it, so the demo's "day that
+    just ended" sent an event from the future and ingestion (rightly) rejected it."""
+    import datetime as _dt
+
+    from shared.generator import generate as _generate
+
+    start = _dt.datetime(2026, 11, 24, 9, 40, tzinfo=_dt.UTC)
+    end = start + _dt.timedelta(days=1)
+    times = [_dt.datetime.fromisoformat(e["occurred_at"]) for e in _generate(77, 400, 1, start)
+             if isinstance(e.get("occurred_at"), str) and "_malformed" not in e]
+    assert times and max(times) <= end
