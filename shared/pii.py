@@ -11,6 +11,8 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 _PHONE = re.compile(r"(?<![\w.])\+?\(?\d(?:[\s\-.()]{0,2}\d){6,17}(?![\w])")
 # Timestamps and dates look like digit runs; keep them readable in logs.
 _DATE_LIKE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+# A decimal number (a metric value, a duration) is not a phone number, however many digits it has.
+_DECIMAL = re.compile(r"\d+\.\d+")
 
 
 def mask_email(email: str) -> str:
@@ -46,7 +48,7 @@ def mask_identifier(kind: str, value: str) -> str:
 
 def _phone_sub(match: re.Match[str]) -> str:
     text = match.group(0)
-    if _DATE_LIKE.match(text):
+    if _DATE_LIKE.match(text) or _DECIMAL.fullmatch(text):
         return text
     digits = re.sub(r"\D", "", text)
     if len(digits) < 7:
@@ -68,7 +70,7 @@ def contains_pii(text: str) -> list[str]:
     for m in _PHONE.finditer(text):
         s = m.group(0)
         digits = re.sub(r"\D", "", s)
-        if "*" in s or _DATE_LIKE.match(s):
+        if "*" in s or _DATE_LIKE.match(s) or _DECIMAL.fullmatch(s):
             continue
         if (s.startswith("+") and len(digits) >= 8) or len(digits) >= 10:
             found.append(s)

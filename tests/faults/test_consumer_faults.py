@@ -148,3 +148,53 @@ async def test_statement_timeouts_under_lock_contention_are_retried_not_lost(bro
         await admin.execute(f'ALTER DATABASE "{db}" RESET statement_timeout')
         await admin.close()
         stop(worker)
+
+
+async def test_a_full_connection_pool_delays_batches_but_loses_nothing(broker, database, unique):
+    """Every connection of the worker's pool held by other work (an HTTP burst, a scan) for 2 s:
+    batches wait for a connection, then apply; nothing lost, nothing twice, the consumer alive."""
+    from shared.avro import AvroCodec, SchemaRegistry
+    from shared.batch_consumer import BatchConsumer
+    from shared.db import setup_database
+    from shared.metrics import ServiceMetrics
+
+    topic, dlq, schema = f"fault.pool.{unique}", f"fault.pooldlq.{unique}", f"fault_pool_{unique}"
+    await ensure_topics(broker, 2, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    n = 3000
+    await produce(broker, topic, [merge_record(i) for i in range(n)])
+    pool = await setup_database(database, schema, None, max_size=2)
+    async with pool.acquire() as conn:
+        await conn.execute("CREATE TABLE seen (merge_id text PRIMARY KEY)")
+
+    async def handler(conn, records) -> None:
+        await conn.execute("INSERT INTO seen SELECT unnest($1::text[])", [r.value["merge_id"] for r in records])
+
+    consumer = BatchConsumer(service="faults", bootstrap=broker, group_id=f"g-{unique}", topics=[Topic(topic, MERGE)],
+                             pool=pool, handler=handler, codec=AvroCodec(SchemaRegistry.load()),
+                             metrics=ServiceMetrics("faults"), dlq_topic=dlq, max_records=100)
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(lambda: _count(pool, 200), timeout=30, message="consumer applying")
+        held = [await pool.acquire() for _ in range(2)]  # the whole pool
+        stalled_at = consumer.applied
+        await asyncio.sleep(2.0)  # the fault's duration, not synchronisation
+        assert consumer.applied - stalled_at <= 100, "no batch applies without a connection"
+        for conn in held:
+            await pool.release(conn)
+        await eventually(lambda: _count(pool, n), timeout=60, message="all applied after the pool frees")
+        assert not task.done()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM seen") == n
+        report.invariant("exactly once across an exhausted connection pool", True)
+        report.fault("connection pool exhausted", 1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+        await pool.close()
+
+
+async def _count(pool, at_least: int) -> bool:
+    async with pool.acquire() as conn:
+        return await conn.fetchval("SELECT count(*) FROM seen") >= at_least

@@ -118,7 +118,7 @@ async def test_pipeline_survives_kills_broker_and_database_faults(faulty_pipelin
     began = time.monotonic()
     publisher = asyncio.create_task(publish_http(events, p.url("ingestion"), INGEST_KEY, batch_size=50,
                                                  attempts=40, pacer=Pacer(rate=len(events) / 25)))
-    kills = 10 if LONG else 5
+    kills = 15 if LONG else 10  # every service killed twice in the default run
     order = [SERVICES[i % len(SERVICES)] for i in range(kills)]
     for victim in order:
         await asyncio.sleep(rng.uniform(0.3, 1.5))  # a random moment: the faults' spacing, not synchronisation

@@ -34,6 +34,12 @@ def test_redact_removes_emails_and_phones_but_keeps_times_and_short_numbers() ->
     assert contains_pii(text) != []
 
 
+def test_decimal_numbers_are_not_phone_numbers() -> None:
+    metrics = 'omnicrm_x_batch_seconds_sum 0.03386777000014263\nomnicrm_x_lag 7383.682929999999'
+    assert contains_pii(metrics) == [] and redact(metrics) == metrics
+    assert contains_pii("call 212.555.0142 or +44 7911 123456") != []
+
+
 def test_json_logs_and_filter_never_print_contact_data() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
