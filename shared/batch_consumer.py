@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from shared.avro import AvroCodec
+from shared.clock import Clock, WallClock
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.errors import PermanentError, SchemaError, TransientError
 from shared.logs import redact_text
@@ -106,7 +107,7 @@ class BatchConsumer:
                  pool: asyncpg.Pool, handler: Handler, codec: AvroCodec, metrics: ServiceMetrics,
                  dlq_topic: str, decoder: Decoder | None = None, max_records: int = 1000,
                  max_transient_attempts: int = 60, on_committed: Callable[[], None] | None = None,
-                 consumer_options: dict[str, Any] | None = None) -> None:
+                 consumer_options: dict[str, Any] | None = None, clock: Clock | None = None) -> None:
         self.service = service
         self.bootstrap = bootstrap
         self.group_id = group_id
@@ -121,6 +122,8 @@ class BatchConsumer:
         self.max_transient_attempts = max_transient_attempts
         self.on_committed = on_committed
         self.consumer_options = consumer_options or {}
+        # Dead letters are stamped with operational (wall) time, also during event-time replays.
+        self.clock = clock or WallClock()
         self.consumer: AIOKafkaConsumer | None = None
         self._in_flight = asyncio.Lock()
         self._claimed: set[tuple[str, int]] = set()  # partitions whose position row exists
@@ -308,7 +311,7 @@ class BatchConsumer:
             "source": None,
             "reason": d.reason,
             "errors": [{"field": f, "message": m} for f, m in d.errors],
-            "dead_lettered_at": dt.datetime.now(UTC),
+            "dead_lettered_at": self.clock.now(),
         })
         key = d.event_id or f"{d.record.topic}:{d.record.partition}:{d.record.offset}"
         return OutboxMessage(self.dlq_topic, key, value)

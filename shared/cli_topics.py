@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import typer
 
+from shared.clock import WallClock
 from shared.config import load_settings
 from shared.errors import ConfigError
 from shared.publish import (
@@ -114,7 +115,7 @@ def register(app: typer.Typer) -> None:
                 return
             events = list(read_jsonl(source))
             if rebase:
-                events = list(rebase_events(events, dt.datetime.now(dt.UTC)))
+                events = list(rebase_events(events, WallClock().now()))
             pacer = Pacer(speedup=factor) if factor else None
             result = PublishResult()
             try:

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from shared.avro import AvroCodec, SchemaRegistry
+from shared.clock import WallClock
 from shared.events import for_encoding
 from shared.kafka import make_producer
 from shared.topics import BY_NAME, EVENT, Topic
@@ -208,7 +209,7 @@ def read_export(path: Path) -> Iterator[dict[str, Any]]:
 
 async def replay_export(path: Path, bootstrap: str, *, speed: float | None = None, rebase: bool = False,
                         to_topic: Topic | None = None,
-                        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(UTC),
+                        now: Callable[[], dt.datetime] = WallClock().now,
                         progress: Callable[[int], None] = lambda n: None) -> int:
     """Publish an export back to its topics, re-encoded with the current schemas, keys kept.
 
