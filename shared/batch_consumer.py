@@ -30,6 +30,7 @@ from shared.avro import AvroCodec
 from shared.clock import Clock, WallClock
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.errors import PermanentError, SchemaError, TransientError
+from shared.event_order import EventTimeOrder, PartitionState, event_time
 from shared.logs import redact_text
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxMessage, add_to_outbox
@@ -95,8 +96,10 @@ class _Rebalance(ConsumerRebalanceListener):
         # Wait for the batch in flight so its offsets are stored before another worker takes over.
         async with self.owner._in_flight:
             pass
+        self.owner._forget(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
+        self.owner._forget(assigned)
         await self.owner._position(list(assigned))
 
 
@@ -107,7 +110,8 @@ class BatchConsumer:
                  pool: asyncpg.Pool, handler: Handler, codec: AvroCodec, metrics: ServiceMetrics,
                  dlq_topic: str, decoder: Decoder | None = None, max_records: int = 1000,
                  max_transient_attempts: int = 60, on_committed: Callable[[], None] | None = None,
-                 consumer_options: dict[str, Any] | None = None, clock: Clock | None = None) -> None:
+                 consumer_options: dict[str, Any] | None = None, clock: Clock | None = None,
+                 event_order: bool = False, order_grace_ms: int = 500) -> None:
         self.service = service
         self.bootstrap = bootstrap
         self.group_id = group_id
@@ -127,6 +131,8 @@ class BatchConsumer:
         self.consumer: AIOKafkaConsumer | None = None
         self._in_flight = asyncio.Lock()
         self._claimed: set[tuple[str, int]] = set()  # partitions whose position row exists
+        # Under the event clock, records are applied in event-time order across partitions.
+        self._order = EventTimeOrder(order_grace_ms) if event_order else None
         self.healthy = False
         self.applied = 0
 
@@ -169,45 +175,111 @@ class BatchConsumer:
         assert self.consumer is not None, "start() first"
         while True:
             try:
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                # While records wait for event-time order, look again soon: the wait ends by time.
+                wait = 50 if self._order is not None and self._order.held() else 200
+                batch = await self.consumer.getmany(timeout_ms=wait, max_records=self.max_records)
             except KafkaError as exc:
                 self.healthy = False
                 log.warning("fetch failed, retrying: %s", type(exc).__name__)
                 await asyncio.sleep(0.5)
                 continue
             self.healthy = True
-            if not batch:
-                continue
             messages = [m for msgs in batch.values() for m in msgs]
-            await self.process(messages)
+            if self._order is not None:
+                if messages or self._order.held():
+                    await self.process_in_event_order(messages)
+            elif messages:
+                await self.process(messages)
 
     async def process(self, messages: list[Any]) -> None:
         """Apply one fetched batch exactly once (public for tests and benchmarks)."""
         started = time.perf_counter()
+        records: list[Record] = []
+        dead: list[DeadLetter] = []
+        positions: dict[tuple[str, int], int] = {}
+        per_topic: dict[str, int] = {}
+        topics, decoder = self.topics, self.decoder
+        # One pass: decode, next positions and per-topic counts (this loop runs per record).
+        for m in messages:
+            topic, partition, offset = m.topic, m.partition, m.offset
+            rec = Record(topic, partition, offset, m.key, None, m.value, m.timestamp)
+            try:
+                rec.value = decoder(topics[topic], m.value)
+                records.append(rec)
+            except PermanentError as exc:
+                dead.append(DeadLetter(rec, exc.reason, [("value", str(exc))]))
+            tp = (topic, partition)
+            if offset >= positions.get(tp, 0):
+                positions[tp] = offset + 1
+            per_topic[topic] = per_topic.get(topic, 0) + 1
+        await self._apply_batch(records, dead, positions, per_topic, started)
+
+    async def process_in_event_order(self, messages: list[Any]) -> None:
+        """Buffer a fetched batch and apply what event-time order lets go (OMNICRM_CLOCK=event)."""
+        started = time.perf_counter()
+        order, topics, decoder = self._order, self.topics, self.decoder
+        assert order is not None
+        arrived_ms = int(time.time() * 1000)
+        for m in messages:
+            rec = Record(m.topic, m.partition, m.offset, m.key, None, m.value, m.timestamp)
+            try:
+                rec.value = decoder(topics[m.topic], m.value)
+                order.add((m.topic, m.partition), m.offset, event_time(rec.value), rec, arrived_ms)
+            except PermanentError as exc:
+                order.add((m.topic, m.partition), m.offset, None,
+                          DeadLetter(rec, exc.reason, [("value", str(exc))]), arrived_ms)
+        released = order.release(await self._partition_states(), self.max_records)
+        self._pause_or_resume()
+        if not released:
+            return
+        records: list[Record] = []
+        dead: list[DeadLetter] = []
+        positions: dict[tuple[str, int], int] = {}
+        per_topic: dict[str, int] = {}
+        for item in released:
+            rec = item if isinstance(item, Record) else item.record
+            (records if rec is item else dead).append(item)
+            tp = (rec.topic, rec.partition)
+            if rec.offset >= positions.get(tp, 0):
+                positions[tp] = rec.offset + 1
+            per_topic[rec.topic] = per_topic.get(rec.topic, 0) + 1
+        await self._apply_batch(records, dead, positions, per_topic, started)
+
+    async def _partition_states(self) -> dict[tuple[str, int], PartitionState]:
+        consumer = self.consumer
+        assert consumer is not None
+        states = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            try:  # answers at once when the position is known; unknown means not caught up
+                position = await asyncio.wait_for(consumer.position(tp), 0.05)
+            except (TimeoutError, KafkaError):
+                position = None
+            caught_up = high is not None and position is not None and position >= high
+            states[(tp.topic, tp.partition)] = PartitionState(caught_up, consumer.last_poll_timestamp(tp))
+        return states
+
+    def _pause_or_resume(self) -> None:
+        """Bound the buffer: stop fetching a partition far ahead of the slowest one."""
+        consumer, order = self.consumer, self._order
+        assert consumer is not None and order is not None
+        paused = consumer.paused()
+        for tp in consumer.assignment():
+            held = order.held((tp.topic, tp.partition))
+            if held > 4 * self.max_records and tp not in paused:
+                consumer.pause(tp)
+            elif tp in paused and held <= self.max_records:
+                consumer.resume(tp)
+
+    async def _apply_batch(self, records: list[Record], dead: list[DeadLetter],
+                           positions: dict[tuple[str, int], int], per_topic: dict[str, int],
+                           started: float) -> None:
         async with self._in_flight:
-            records: list[Record] = []
-            dead: list[DeadLetter] = []
-            positions: dict[tuple[str, int], int] = {}
-            per_topic: dict[str, int] = {}
-            topics, decoder = self.topics, self.decoder
-            # One pass: decode, next positions and per-topic counts (this loop runs per record).
-            for m in messages:
-                topic, partition, offset = m.topic, m.partition, m.offset
-                rec = Record(topic, partition, offset, m.key, None, m.value, m.timestamp)
-                try:
-                    rec.value = decoder(topics[topic], m.value)
-                    records.append(rec)
-                except PermanentError as exc:
-                    dead.append(DeadLetter(rec, exc.reason, [("value", str(exc))]))
-                tp = (topic, partition)
-                if offset >= positions.get(tp, 0):
-                    positions[tp] = offset + 1
-                per_topic[topic] = per_topic.get(topic, 0) + 1
             await self._apply_with_retry(records, dead, positions)
             await self._commit_kafka(positions)
         for name, count in per_topic.items():
             self.metrics.events_consumed.labels(topic=name).inc(count)
-        self.metrics.batch_size.observe(len(messages))
+        self.metrics.batch_size.observe(len(records) + len(dead))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self._measure_lag(positions)
         if self.on_committed is not None:
@@ -315,6 +387,11 @@ class BatchConsumer:
         })
         key = d.event_id or f"{d.record.topic}:{d.record.partition}:{d.record.offset}"
         return OutboxMessage(self.dlq_topic, key, value)
+
+    def _forget(self, partitions) -> None:
+        """Records held for event order of partitions that changed hands are read again later."""
+        if self._order is not None:
+            self._order.drop((tp.topic, tp.partition) for tp in partitions)
 
     async def _position(self, assigned: list[TopicPartition]) -> None:
         """Seek newly assigned partitions to the positions stored with the state."""

@@ -124,6 +124,7 @@ class Runtime:
                 topics=spec["topics"], pool=self.pool, handler=spec["handler"], codec=self.codec,
                 metrics=self.metrics, dlq_topic=dlq, decoder=spec["decoder"],
                 max_records=spec["max_records"], on_committed=self.relay.wake,
+                event_order=isinstance(self.clock, EventClock),
             )
             await consumer.start()
             self.consumers.append(consumer)

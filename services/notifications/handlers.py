@@ -33,7 +33,7 @@ from services.notifications.policy import (
 from services.notifications.templates import Templates
 from shared.avro import AvroCodec
 from shared.batch_consumer import Record
-from shared.clock import Clock
+from shared.clock import Clock, EventClock
 from shared.crypto import Vault
 from shared.errors import PermanentError
 from shared.outbox import add_to_outbox
@@ -53,6 +53,8 @@ class NotificationHandler:
         # Seals contact points before they are stored; the environment's keys by default.
         self.vault = vault if vault is not None else Vault.from_env()
         self.clock = clock
+        # Under the event clock each trigger is decided as of its own fired_at (deterministic replays).
+        self.as_of_fired_at = isinstance(clock, EventClock)
         self.rules = rules
         self.templates = templates
         self.metrics = metrics
@@ -112,24 +114,30 @@ class NotificationHandler:
             self.metrics.status(row["channel"], SUPPRESSED, "erased")
         for t in triggers:
             self.clock.observe(t.fired_at)
-        released, expired = await self._release(conn, [c.customer_id for c in live])
+        profile_times = {c: v.get("updated_at") for c, v in profiles.items() if v and not v.get("erased")}
+        released, expired = await self._release(conn, profile_times)
         messages += expired
         if triggers or released:
             messages += await self._decide(conn, triggers, raw, released)
         return messages
 
     async def _release(self, conn: asyncpg.Connection,
-                       customer_ids: list[str]) -> tuple[list[Trigger], list]:
+                       profile_times: dict[str, dt.datetime | None]) -> tuple[list[Trigger], list]:
         """Held triggers of customers whose profile was just applied: to decide now, or too late.
 
-        Decided as of now (the profile's application); a hold whose grace period is already over
-        ends no_contact here exactly as the dispatcher's sweep would have ended it.
+        Decided as of now (the profile's application; under the event clock, the profile's own
+        time); a hold whose grace period is already over ends no_contact here exactly as the
+        dispatcher's sweep would have ended it.
         """
-        held = await store.held_for(conn, customer_ids)
+        held = await store.held_for(conn, list(profile_times))
         if not held:
             return [], []
         now = self.clock.now()
-        late = [str(r["notification_id"]) for r in held if hold_expired(r["due_at"], now)]
+
+        def as_of(row) -> dt.datetime:
+            return (profile_times.get(row["customer_id"]) or now) if self.as_of_fired_at else now
+
+        late = [str(r["notification_id"]) for r in held if hold_expired(r["due_at"], as_of(r))]
         messages = []
         for row in await store.expire_held(conn, now, late):
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason=NO_CONTACT,
@@ -137,7 +145,7 @@ class NotificationHandler:
             self.metrics.status(None, SUPPRESSED, NO_CONTACT)
         triggers, taken = [], []
         for r in held:
-            if hold_expired(r["due_at"], now):
+            if hold_expired(r["due_at"], as_of(r)):
                 continue
             try:
                 triggers.append(Trigger.from_record(self.codec.decode(bytes(r["held_trigger"]), TRIGGER)))
@@ -156,16 +164,18 @@ class NotificationHandler:
                                              [t.trigger_id for t in triggers])
         # Released triggers were seen (their held row, dropped above), and are decided now.
         inputs["seen"] -= {t.trigger_id for t in released}
-        decisions = decide_all(everything, now=now, rules=self.rules, **inputs)
+        decisions = decide_all(everything, now=now, rules=self.rules, as_of_fired_at=self.as_of_fired_at,
+                               **inputs)
         self.metrics.duplicates.inc(len(everything) - len(decisions))
         rows = []
         for d in decisions:
             subject = body = locale = None
             params: dict[str, str] = {}
+            at = d.trigger.fired_at if self.as_of_fired_at else now
             if d.held:
                 rows.append(store.decision_row(
-                    d, subject=None, body=None, locale=None, params={}, decided_at=now,
-                    due_at=hold_deadline(d.trigger, now, self.rules),
+                    d, subject=None, body=None, locale=None, params={}, decided_at=at,
+                    due_at=hold_deadline(d.trigger, at, self.rules),
                     held_trigger=raw.get(d.trigger.trigger_id)))
                 continue
             if d.status != SUPPRESSED:
@@ -174,14 +184,14 @@ class NotificationHandler:
                 subject, body, locale, params = (rendered.subject, rendered.body, rendered.locale,
                                                  dict(rendered.params))
             rows.append(store.decision_row(d, subject=subject, body=body, locale=locale,
-                                           params=params, decided_at=now))
+                                           params=params, decided_at=at))
         inserted = await store.insert_decisions(conn, rows)
         messages = []
         for row in rows:
             if row["notification_id"] not in inserted:
                 continue
             messages.append(outcome_message(self.codec, row, status=row["status"],
-                                            reason=row["reason"], occurred_at=now))
+                                            reason=row["reason"], occurred_at=row["decided_at"]))
             self.metrics.status(row["channel"], row["status"], row["reason"])
             occurred = row["trigger_occurred_at"]
             if isinstance(occurred, dt.datetime) and row["held_trigger"] is None:

@@ -334,7 +334,8 @@ def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
 def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
                erased: set[str], history: Mapping[str, list[PriorNotice]], seen: set[str],
                now: dt.datetime, rules: NotificationRules,
-               store_timezones: Mapping[str, str] | None = None) -> list[Decision]:
+               store_timezones: Mapping[str, str] | None = None,
+               as_of_fired_at: bool = False) -> list[Decision]:
     """Decide a batch: triggers already seen are dropped; per customer, higher priority first.
 
     Triggers released from a hold (their profile arrived) come in here too, with the new ones,
@@ -342,6 +343,9 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
 
     Each decision joins the customer's history before the next one is decided, so two offers
     competing for one day's slot go to the higher-priority kind, whatever their batch order.
+
+    `as_of_fired_at` (the event clock) decides each trigger at its own fired_at rather than at the
+    batch's now, so a replay decides it identically however the batches were cut.
     """
     rank = {kind: i for i, kind in enumerate(rules.priority)}
     fresh: dict[str, Trigger] = {}
@@ -355,7 +359,8 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
     for t in ordered:
         prior = running.setdefault(t.customer_id, [])
         d = decide(t, contacts.get(t.customer_id), erased=t.customer_id in erased, history=prior,
-                   now=now, rules=rules, store_timezones=store_timezones)
+                   now=t.fired_at if as_of_fired_at else now, rules=rules,
+                   store_timezones=store_timezones)
         decisions.append(d)
         prior.append(PriorNotice(t.trigger_id, t.kind, t.period, d.promotional, d.cap_date,
                                  d.status, d.reason))

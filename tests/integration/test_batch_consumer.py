@@ -180,3 +180,70 @@ async def test_rebalance_between_two_workers_applies_every_record_once(broker, d
         stop(a)
         if b is not None:
             stop(b)
+
+
+async def test_event_order_applies_partitions_merged_by_event_time(broker, database, unique):
+    """Under the event clock the handler sees three partitions merged by event time, not partition by
+    partition as fetches return them; the same again from a second group (a replay) gives the same
+    sequence, and every record is applied once."""
+    from shared.batch_consumer import BatchConsumer
+    from shared.db import setup_database
+    from shared.metrics import ServiceMetrics
+
+    topic, dlq = f"bc.order.{unique}", f"bc.orderdlq.{unique}"
+    await ensure_topics(broker, 3, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    t0 = dt.datetime(2026, 9, 1, tzinfo=dt.UTC)
+    producer = make_producer(broker, "test-producer")
+    await producer.start()
+    expected = []
+    try:
+        for partition in range(3):  # each partition's log written whole, one after the other
+            futures = []
+            for i in range(200):
+                minute = 3 * i + partition if i % 50 else 3 * i  # every 50th: one moment in all three
+                value = CODEC.encode(MERGE, {
+                    "merge_id": f"p{partition}-{i}", "kind": "merged", "survivor": "s", "merged": f"c{i}",
+                    "reason": "order", "cause_event_id": None,
+                    "occurred_at": t0 + dt.timedelta(minutes=minute)})
+                futures.append(await producer.send(topic, value, partition=partition))
+                expected.append((minute, partition, i, f"p{partition}-{i}"))
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    expected = [m for *_, m in sorted(expected)]
+    pool = await setup_database(database, f"bc_order_{unique}", None, max_size=2)
+
+    async def consume(group: str) -> tuple[list[str], list[int]]:
+        seen: list[str] = []
+        sizes: list[int] = []
+
+        async def handler(conn, records) -> None:
+            seen.extend(r.value["merge_id"] for r in records)
+            sizes.append(len(records))
+
+        consumer = BatchConsumer(service="order", bootstrap=broker, group_id=group, topics=[Topic(topic, MERGE)],
+                                 pool=pool, handler=handler, codec=CODEC, metrics=ServiceMetrics(f"order{group[-1]}"),
+                                 dlq_topic=dlq, max_records=64, event_order=True, order_grace_ms=300,
+                                 consumer_options={"max_partition_fetch_bytes": 2048})
+        await consumer.start()
+        task = asyncio.create_task(consumer.run())
+        try:
+            await eventually(lambda: _at_least(seen, 600), timeout=60, message=f"{group} applied all")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await consumer.stop()
+        return seen, sizes
+
+    try:
+        first, sizes = await consume(f"g-{unique}-1")
+        second, _ = await consume(f"g-{unique}-2")
+    finally:
+        await pool.close()
+    assert first == expected, "applied in event-time order across partitions"
+    assert second == first, "a second reading of the same logs applies the same sequence"
+    assert len(sizes) > 1 and max(sizes) <= 64
+
+
+async def _at_least(items: list, n: int) -> bool:
+    return len(items) >= n
