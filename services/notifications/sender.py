@@ -45,7 +45,7 @@ from services.notifications.policy import (
 )
 from services.notifications.providers import OutgoingMessage, Provider, ProviderError
 from shared.avro import AvroCodec
-from shared.clock import Clock
+from shared.clock import Clock, EventClock
 from shared.crypto import DecryptionError, Vault
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.outbox import add_to_outbox
@@ -68,6 +68,9 @@ class Dispatcher:
         self.providers = dict(providers)
         self.codec = codec
         self.clock = clock
+        # Under the event clock a due notification is checked and stamped as of its due time, not
+        # as of wherever the replay's clock has got to when the timer looks.
+        self.as_of_due = isinstance(clock, EventClock)
         self.rules = rules
         self.metrics = metrics
         self.lease_seconds = lease_seconds
@@ -167,10 +170,15 @@ class Dispatcher:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
     # -- one notification -----------------------------------------------------------------
+    def _now(self, row: asyncpg.Record) -> dt.datetime:
+        if self.as_of_due and row["due_at"] is not None:
+            return row["due_at"]
+        return self.clock.now()
+
     async def _handle(self, row: asyncpg.Record, contact: Contact | None, erased: bool) -> None:
         nid = str(row["notification_id"])
         channel = row["channel"]
-        now = self.clock.now()
+        now = self._now(row)
         check = check_before_send(channel, contact, erased=erased, now=now,
                                   tz_name=row["timezone"], rules=self.rules)
         if check.action == "suppress":
@@ -215,7 +223,7 @@ class Dispatcher:
             self.metrics.in_flight.labels(channel=channel).dec()
         self.metrics.provider_seconds.labels(provider=provider.name, outcome="ok").observe(
             time.perf_counter() - started)
-        sent_at = self.clock.now()
+        sent_at = self._now(row)
         async with self._tx() as conn:
             updated = await store.mark_sent(conn, nid, provider=result.provider,
                                             provider_message_id=result.provider_message_id,
