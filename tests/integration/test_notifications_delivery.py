@@ -32,7 +32,7 @@ from services.notifications.templates import Templates
 from shared.auth import KeyRing
 from shared.avro import AvroCodec, SchemaRegistry
 from shared.batch_consumer import Record
-from shared.clock import FixedClock
+from shared.clock import EventClock, FixedClock
 from shared.db import setup_database
 from shared.http import create_app
 from shared.metrics import ServiceMetrics
@@ -443,3 +443,25 @@ async def test_sigkill_mid_send_loses_nothing_and_repeats_only_in_flight_sends(m
 async def _async(value):
     return value
 
+
+
+async def test_event_clock_sends_a_deferred_message_as_of_its_due_time_not_the_replays_now(peer, make_env):
+    """In a replay the dispatcher's timer looks whenever it looks; by then the event clock may stand in
+    the next night's quiet hours. A message due at 09:00 is checked and stamped as of 09:00, so two
+    replays deliver it identically."""
+    env = await make_env(provider_config(peer.url))
+    env.clock = EventClock()
+    env.handler = NotificationHandler(codec=CODEC, clock=env.clock, rules=RULES, templates=TEMPLATES,
+                                      metrics=env.metrics)
+    evening = dt.datetime(2026, 6, 10, 22, 0, tzinfo=dt.UTC)
+    await env.apply(profile("c-9", {"sms": "opted_in"}), trigger("t9", "c-9", at=evening))
+    nine = dt.datetime(2026, 6, 11, 9, 0, tzinfo=dt.UTC)
+    assert (await env.rows())["t9/sms"]["due_at"] == nine  # decided as of its fired_at: quiet hours
+    env.clock.observe(dt.datetime(2026, 6, 11, 23, 30, tzinfo=dt.UTC))  # the replay has moved on
+
+    async def sent():
+        return (await env.rows())["t9/sms"]["status"] == "sent"
+    await env.run_until(env.dispatcher(), sent)
+    row = (await env.rows())["t9/sms"]
+    assert row["sent_at"] == nine and len(peer.of("sms")) == 1
+    assert [(o["status"], o["occurred_at"]) for o in await env.outcomes()][-1] == ("sent", nine)
