@@ -452,6 +452,20 @@ async def mark_sent(conn: asyncpg.Connection, nid: str, *, provider: str,
     return row
 
 
+async def mark_sent_many(conn: asyncpg.Connection, sends: list[tuple[str, str, str, dt.datetime]]
+                         ) -> list[asyncpg.Record]:
+    """Many pending -> sent in one statement: (notification_id, provider, message id, sent_at)."""
+    if not sends:
+        return []
+    return await conn.fetch(
+        "UPDATE notifications n SET status = 'sent', reason = NULL, provider = u.provider, "
+        "provider_message_id = u.pmid, sent_at = u.at, due_at = NULL, claimed_by = NULL, "
+        "lease_until = NULL, updated_at = now() "
+        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS u(id, provider, pmid, at) "
+        "WHERE n.notification_id = u.id AND n.status IN ('pending', 'deferred') RETURNING n.*",
+        [s[0] for s in sends], [s[1] for s in sends], [s[2] for s in sends], [s[3] for s in sends])
+
+
 async def retry_later(conn: asyncpg.Connection, nid: str, *, delay_seconds: float,
                       reason: str) -> asyncpg.Record | None:
     """Back to the queue after a retryable failure; back-off runs on wall time, not business time."""
