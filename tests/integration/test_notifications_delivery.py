@@ -465,3 +465,25 @@ async def test_event_clock_sends_a_deferred_message_as_of_its_due_time_not_the_r
     row = (await env.rows())["t9/sms"]
     assert row["sent_at"] == nine and len(peer.of("sms")) == 1
     assert [(o["status"], o["occurred_at"]) for o in await env.outcomes()][-1] == ("sent", nine)
+
+
+async def test_sandbox_batch_still_defers_at_night_and_stops_on_opt_out(peer, make_env):
+    """Sandbox sends of a claim are recorded together; the checks at send time still hold for each."""
+    env = await make_env(provider_config(peer.url), delivery="sandbox")
+    await env.apply(*[profile(f"c-{i}", {"sms": "opted_in"}) for i in (20, 21, 22)],
+                    profile("c-23", {"sms": "opted_in"}, tz="Asia/Tokyo"),
+                    *[trigger(f"t{i}", f"c-{i}") for i in (20, 21, 22, 23)])
+    await env.apply(profile("c-21", {"sms": "opted_out"}))  # after the decision, before the send
+    env.clock.set(dt.datetime(2026, 6, 10, 14, 0, tzinfo=dt.UTC))  # 23:00 in Tokyo: quiet hours
+
+    async def settled():
+        rows = await env.rows()
+        return all(rows[f"t{i}/sms"]["status"] != "pending" for i in (20, 21, 22, 23))
+    d = env.dispatcher()
+    await env.run_until(d, settled)
+    rows = await env.rows()
+    assert [rows[f"t{i}/sms"]["status"] for i in (20, 21, 22, 23)] == ["sent", "suppressed", "sent", "deferred"]
+    assert rows["t21/sms"]["reason"] == "no_consent" and rows["t23/sms"]["reason"] == "quiet_hours"
+    assert d.sent == 2 and peer.requests == []
+    sent = [o for o in await env.outcomes() if o["status"] == "sent"]
+    assert sorted(o["trigger_id"] for o in sent) == ["t20", "t22"]
