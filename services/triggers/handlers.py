@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import time
+import zoneinfo
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,6 +31,7 @@ from services.triggers.facts import (
     purchase_amount,
     reset_activity,
 )
+from services.triggers.money import to_decimal_string
 from services.triggers.rules import RuleConfig, Trigger
 from services.triggers.segments import compile_segment
 from shared.avro import AvroCodec
@@ -119,6 +122,12 @@ class TriggersHandler:
         self._fired = metrics.counter("fired", "Triggers fired, per kind.", ("kind",)) if metrics else None
         self._scan_seconds = (metrics.histogram("scan_seconds", "Time of one time-based scan.")
                               if metrics else None)
+        self._zones: tuple[list[str], str] | None = None
+        self._encoder = _TriggerEncoder(codec)
+        self._descriptions = {
+            "birthday_coupon": f"Happy birthday: {to_decimal_string(cfg.birthday_amount, cfg.currency)} off "
+                               f"when you spend {to_decimal_string(cfg.birthday_min_spend, cfg.currency)}",
+            "win_back": f"We miss you: {to_decimal_string(cfg.win_back_amount, cfg.currency)} off your next order"}
 
     # -- batches -----------------------------------------------------------------------------
     async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
@@ -388,25 +397,32 @@ class TriggersHandler:
 
     # -- time-based scan -------------------------------------------------------------------------
     async def scan(self, conn: asyncpg.Connection, now: dt.datetime, *,
-                   since: dt.datetime | None = None, chunk: int = 5000) -> int:
-        """Fire the time-based rules due at `now`: set-based SQL picks candidates, the rules decide."""
+                   since: dt.datetime | None = None, chunk: int = 100_000) -> int:
+        """Fire the time-based rules due at `now`: set-based SQL picks candidates, the rules decide.
+
+        Wall clock: each chunk of candidates is judged by the SQL form of the rules (store.scan_due_sql)
+        and fired, marked and put in the outbox in one transaction, so a crash loses or repeats no
+        chunk and a repeated scan finds nothing left to fire. Customers the SQL cannot judge exactly,
+        and every event-clock scan, go through the Python rules.
+        """
         started = time.perf_counter()
         ids = await store.scan_candidates(conn, now, self.cfg, since)
+        zones = None if self.event_clock else await self._sql_zones(conn)
         fired = 0
         for part in _chunks(ids, chunk):
-            async with conn.transaction():
-                facts = await store.load_facts(conn, part)
-                triggers: list[Trigger] = []
-                changed: list[CustomerFacts] = []
-                for f in facts.values():
-                    if self.event_clock and f.last_event_at is not None and f.last_event_at > now:
-                        continue  # its partition is ahead: its own next event or a later scan decides
-                    due = self._due(f, now, now)
-                    if due:
-                        changed.append(f)
-                        triggers += due
-                await store.save_facts(conn, changed, self.cfg)
-                fired += len(await self.fire(conn, triggers))
+            done = None
+            if zones is not None:
+                try:
+                    async with conn.transaction():
+                        done = await self._scan_sql(conn, part, now, zones)
+                except asyncpg.DeadlockDetectedError:
+                    done = None  # with a batch locking the same customers: rolled back, judged again
+            if done is None:  # event clock, or a deadlock above: the Python rules, under row locks
+                done = 0
+                for sub in _chunks(part, 5000):
+                    async with conn.transaction():
+                        done += await self._scan_rules(conn, sub, now)
+            fired += done
         async with conn.transaction():
             invites: list[Trigger] = []
             for e in await store.pending_store_events(conn, now):
@@ -418,6 +434,71 @@ class TriggersHandler:
             fired += len(await self.fire(conn, invites))
         if self._scan_seconds is not None:
             self._scan_seconds.observe(time.perf_counter() - started)
+        return fired
+
+    async def _scan_rules(self, conn: asyncpg.Connection, ids: Sequence[str], now: dt.datetime) -> int:
+        """The Python rules over `ids` (inside the caller's transaction)."""
+        facts = await store.load_facts(conn, ids)
+        triggers: list[Trigger] = []
+        changed: list[CustomerFacts] = []
+        for f in facts.values():
+            if self.event_clock and f.last_event_at is not None and f.last_event_at > now:
+                continue  # its partition is ahead: its own next event or a later scan decides
+            due = self._due(f, now, now)
+            if due:
+                changed.append(f)
+                triggers += due
+        await store.save_facts(conn, changed, self.cfg)
+        return len(await self.fire(conn, triggers))
+
+    async def _sql_zones(self, conn: asyncpg.Connection) -> tuple[list[str], str] | None:
+        """Zones the SQL rules read as zoneinfo does, and the default zone; None: no SQL scan."""
+        if self._zones is None:
+            usable = sorted(await store.sql_zones(conn) & zoneinfo.available_timezones())
+            self._zones = (usable, R.zone(None, self.cfg.default_timezone).key)
+        usable, default = self._zones
+        return self._zones if default in usable else None
+
+    async def _scan_sql(self, conn: asyncpg.Connection, ids: Sequence[str], now: dt.datetime,
+                        zones: tuple[list[str], str]) -> int:
+        """The SQL rules over `ids` (inside the caller's transaction); the rest by the Python rules.
+
+        Customers whose facts a concurrent batch changed meanwhile are judged again by the Python rules.
+        """
+        cfg = self.cfg
+        rows = await store.scan_due_sql(conn, ids, now, cfg, *zones)
+        enc = self._encoder
+        fired_ms = _millis(now)
+        birthday_offer = (self._descriptions["birthday_coupon"], cfg.birthday_amount, cfg.birthday_min_spend,
+                          cfg.currency)
+        winback_expires = now + dt.timedelta(days=cfg.win_back_valid_days)
+        winback_offer = (self._descriptions["win_back"], cfg.win_back_amount, cfg.win_back_min_spend,
+                         cfg.currency, _millis(winback_expires))
+        encoded: list[tuple[int, str, str | None, bytes]] = []
+        rules_ids: list[str] = []
+        for rn, cid, kind, period, occurred_ms, keys, values, expires_ms in rows:
+            if kind is None:
+                rules_ids.append(cid)
+                continue
+            tid = _trigger_id(f"{kind}\x1f{cid}\x1f{period}")
+            code = offer = None
+            if kind == "birthday_coupon":
+                code = "BDAY-" + tid.replace("-", "")[:10].upper()
+                offer = (code, *birthday_offer, expires_ms)
+            elif kind == "win_back":
+                code = "BACK-" + tid.replace("-", "")[:10].upper()
+                offer = (code, *winback_offer)
+            encoded.append((rn, tid, code, enc.encode(tid, kind, cid, fired_ms, period, keys, values, offer,
+                                                      occurred_ms)))
+        counts, stale = await store.fire_scan_due(conn, encoded, now, cfg, self._descriptions, winback_expires,
+                                                  self.t_fired)
+        rules_ids += stale
+        if self._fired is not None:
+            for kind, n in counts.items():
+                self._fired.labels(kind=kind).inc(n)
+        fired = sum(counts.values())
+        if rules_ids:
+            fired += await self._scan_rules(conn, sorted(set(rules_ids)), now)
         return fired
 
     async def scheduled_scan(self, pool: asyncpg.Pool) -> int:
@@ -478,6 +559,108 @@ def _floor(at: dt.datetime, step: dt.timedelta) -> dt.datetime:
     epoch = dt.datetime(1970, 1, 1, tzinfo=UTC)
     seconds = int(step.total_seconds()) or 1
     return epoch + dt.timedelta(seconds=(int((at - epoch).total_seconds()) // seconds) * seconds)
+
+
+def _millis(at: dt.datetime) -> int:
+    """Avro timestamp-millis of an aware datetime, as fastavro computes it."""
+    delta = at - EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+_UUID_NAMESPACE = R.NAMESPACE.bytes
+
+
+def _trigger_id(name: str) -> str:
+    """rules.trigger_id for the name kind\x1fcustomer_id\x1fperiod (uuid5), without uuid objects."""
+    h = bytearray(hashlib.sha1(_UUID_NAMESPACE + name.encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+_SMALL_LONGS = [bytes([i << 1]) for i in range(64)]
+
+
+def _avro_long(n: int) -> bytes:
+    if 0 <= n < 64:
+        return _SMALL_LONGS[n]
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _avro_str(s: str) -> bytes:
+    b = s.encode()
+    return _avro_long(len(b)) + b
+
+
+_REPEATED: dict[str, bytes] = {}  # context keys and the values many triggers share (dates, counts, zones)
+
+
+def _avro_str_repeated(s: str) -> bytes:
+    b = _REPEATED.get(s)
+    if b is None:
+        b = _avro_str(s)
+        if len(_REPEATED) < 100_000:
+            _REPEATED[s] = b
+    return b
+
+
+class _TriggerEncoder:
+    """`triggers.fired.v1` values of scan rows, byte for byte what encode_trigger writes.
+
+    A tight encoder for the current TriggerFired schema; it checks itself against the codec at
+    start and, should the schema have moved on, encodes through the codec instead.
+    """
+
+    def __init__(self, codec: AvroCodec) -> None:
+        self.codec = codec
+        self.header = codec.registry.latest(TRIGGER).header
+        self.fast = True
+        sample = R.make_trigger("win_back", "c\u00e9-1", "2026-01-01T00:00:00+00:00", EPOCH + dt.timedelta(days=20000),
+                                context={"a": "x", "days": 120}, occurred_at=EPOCH - dt.timedelta(milliseconds=1500),
+                                offer=R.Offer("BACK-1", "d\u00e9", 2000, 0, "USD", EPOCH + dt.timedelta(days=9)))
+        for t in (sample, dataclasses.replace(sample, context={}, offer=None)):
+            o = t.offer
+            mine = self.encode(t.trigger_id, t.kind, t.customer_id, _millis(t.fired_at), t.period,
+                               list(t.context), list(t.context.values()),
+                               (o.code, o.description, o.amount, o.min_spend, o.currency, _millis(o.expires_at))
+                               if o else None, _millis(t.occurred_at))
+            if mine != encode_trigger(codec, t):
+                self.fast = False
+
+    def encode(self, tid: str, kind: str, customer_id: str, fired_ms: int, period: str, keys: Sequence[str],
+               values: Sequence[str | None], offer: tuple | None, occurred_ms: int) -> bytes:
+        pairs = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+        if not self.fast:
+            return self.codec.encode(TRIGGER, {
+                "trigger_id": tid, "kind": kind, "customer_id": customer_id, "fired_at": fired_ms,
+                "period": period, "context": dict(pairs), "cause_event_id": None, "occurred_at": occurred_ms,
+                "offer": None if offer is None else dict(zip(
+                    ("code", "description", "amount", "min_spend", "currency", "expires_at"), offer, strict=True))})
+        rep = _avro_str_repeated
+        parts = [self.header, _avro_str(tid), rep(kind), _avro_str(customer_id), _avro_long(fired_ms),
+                 _avro_str(period)]
+        if pairs:
+            parts.append(_avro_long(len(pairs)))
+            for k, v in pairs:
+                parts.append(rep(k))
+                parts.append(rep(v))
+        parts.append(b"\x00")
+        if offer is None:
+            parts.append(b"\x00")
+        else:
+            code, description, amount, min_spend, currency, expires_ms = offer
+            parts += [b"\x02", _avro_str(code), rep(description), _avro_long(amount), _avro_long(min_spend),
+                      rep(currency), _avro_long(expires_ms)]
+        parts.append(b"\x00\x02")  # cause_event_id null, occurred_at present
+        parts.append(_avro_long(occurred_ms))
+        return b"".join(parts)
 
 
 def _chunks(items: Sequence[str], size: int):

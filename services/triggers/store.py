@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointLot, Store
+from services.triggers.money import exponent
 from services.triggers.rules import RuleConfig, Trigger, replenishment_remind_at
 
 UTC = dt.UTC
@@ -505,3 +506,246 @@ async def survivors_of(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str
         " WHERE up.depth < 32)"
         " SELECT DISTINCT ON (start) start, id FROM up ORDER BY start, depth DESC", wanted)
     return {r["start"]: r["id"] for r in rows}
+
+
+# -- the set-based time-based scan ---------------------------------------------------------------
+# The wall-clock scan decides and describes due triggers here, in one statement per chunk of
+# candidates, with the rules of rules.py (birthday_coupon, win_back, abandoned_cart, replenishment,
+# points_expiring) at since = as_of. Context values are the strings make_trigger would keep, in its
+# key order (NULL values are dropped). Customers it cannot judge exactly (a time zone PostgreSQL
+# reads differently from zoneinfo; a replenishment cycle from the customer's own purchase median)
+# come back as kind NULL for the Python rules to judge.
+
+_SCAN_TABLES = """
+DROP TABLE IF EXISTS pg_temp.scan_due, pg_temp.scan_enc;
+CREATE TEMP TABLE scan_due (
+    rn bigint, customer_id text, kind text, period text, occurred_at timestamptz, ctx_keys text[],
+    ctx_vals text[], offer_expires timestamptz, category text, version xid, at tid) ON COMMIT DROP;
+CREATE TEMP TABLE scan_enc (rn bigint, trigger_id uuid, code text, value bytea) ON COMMIT DROP
+"""
+
+_SCAN_DUE = """
+INSERT INTO scan_due
+WITH f AS MATERIALIZED (
+    SELECT f.customer_id, f.xmin AS version, f.ctid AS at, f.birthday_month AS bm, f.birthday_day AS bd, f.birthday_fired_for,
+           f.last_purchase_at, f.orders_count, f.winback_fired_for, f.points_fired_for, z.tz,
+           ($2::timestamptz AT TIME ZONE coalesce(z.tz, 'UTC'))::date AS today
+    FROM customer_facts f LEFT JOIN stores s ON s.store_id = f.home_store_id
+    CROSS JOIN LATERAL (SELECT coalesce(nullif(f.timezone, ''), nullif(s.timezone, '')) AS n) nn
+    LEFT JOIN unnest($3::text[]) AS ok(name) ON ok.name = nn.n
+    CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN ok.name IS NOT NULL THEN nn.n END AS tz) z
+    WHERE f.customer_id IN (SELECT unnest($1::text[]))
+),
+cat AS MATERIALIZED (
+    SELECT c.customer_id, c.category, c.quantity, cardinality(c.purchases) AS n, c.remind_at,
+           c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today,
+           (SELECT u.d FROM unnest($13::text[], $14::int[]) AS u(name, d) WHERE u.name = c.category) AS cfg_days
+    FROM category_facts c JOIN f USING (customer_id)
+),
+top AS MATERIALIZED (  -- CustomerFacts.most_bought_category
+    SELECT DISTINCT ON (c.customer_id) c.customer_id, c.category
+    FROM cat c ORDER BY c.customer_id, c.quantity DESC, c.n DESC, c.category COLLATE "C"
+),
+due AS (
+    -- birthday_coupon: [local midnight days_before the birthday, local midnight after it)
+    SELECT f.customer_id, 0 AS rank, y.year::text COLLATE "C" AS sub, y.year::text AS period,
+           m.due AS occurred_at,
+           ARRAY['birthday', 'days_until', 'timezone'] AS ctx_keys,
+           ARRAY[to_char(b.bday, 'YYYY-MM-DD'), (b.bday - f.today)::text, f.tz] AS ctx_vals,
+           triggers_local_midnight(b.bday - $9::int + $10::int, f.tz) AS offer_expires,
+           NULL::text AS category
+    FROM f
+    CROSS JOIN LATERAL generate_series(extract(year FROM f.today)::int - 1,
+                                       extract(year FROM f.today)::int + 1) AS y(year)
+    CROSS JOIN LATERAL (SELECT make_date(y.year, f.bm::int,
+        CASE WHEN f.bm = 2 AND f.bd = 29 AND NOT (y.year % 4 = 0 AND (y.year % 100 <> 0 OR y.year % 400 = 0))
+             THEN 28 ELSE f.bd::int END) AS bday) b
+    CROSS JOIN LATERAL (SELECT triggers_local_midnight(b.bday - $9::int, f.tz) AS due,
+                               triggers_local_midnight(b.bday + 1, f.tz) AS fin) m
+    WHERE f.tz IS NOT NULL AND (f.bm, f.bd) IN (SELECT * FROM unnest($20::smallint[], $21::smallint[]))
+      AND b.bday BETWEEN f.today - 2 AND f.today + $9::int + 2
+      AND m.due <= $2 AND m.fin > $2
+      AND (f.birthday_fired_for IS NULL OR f.birthday_fired_for < y.year)
+    UNION ALL
+    -- win_back: once per last purchase, lapse_days after it
+    SELECT f.customer_id, 1, '', triggers_iso_utc(f.last_purchase_at), f.last_purchase_at + $5::interval,
+           ARRAY['days_since_last_purchase', 'last_purchase_date', 'category', 'orders_count'],
+           ARRAY[floor(extract(epoch FROM $2 - f.last_purchase_at) / 86400)::bigint::text,
+                 to_char((f.last_purchase_at AT TIME ZONE f.tz)::date, 'YYYY-MM-DD'),
+                 t.category, f.orders_count::text],
+           NULL::timestamptz, NULL
+    FROM f LEFT JOIN top t USING (customer_id)
+    WHERE f.tz IS NOT NULL AND f.orders_count >= 1 AND f.last_purchase_at IS NOT NULL
+      AND f.winback_fired_for IS DISTINCT FROM f.last_purchase_at
+      AND f.last_purchase_at + $5::interval <= $2 AND f.last_purchase_at + $5::interval + $6::interval >= $2
+    UNION ALL
+    -- abandoned_cart: once per open cart, after_minutes after its last activity
+    SELECT f.customer_id, 2, k.cart_id COLLATE "C", k.cart_id, k.last_activity_at + $7::interval,
+           ARRAY['cart_id', 'items', 'cart_total', 'currency', 'category', 'sku', 'minutes_since_activity'],
+           ARRAY[k.cart_id, k.items::text,
+                 round(k.total::numeric / (10::numeric ^ $18::int), $18::int)::text, $19::text,
+                 k.category, k.sku, floor(extract(epoch FROM $2 - k.last_activity_at) / 60)::bigint::text],
+           NULL, NULL
+    FROM carts k JOIN f USING (customer_id)
+    WHERE f.tz IS NOT NULL AND k.status = 'open'
+      AND k.last_activity_at + $7::interval <= $2 AND k.last_activity_at + $7::interval + $8::interval >= $2
+    UNION ALL
+    -- replenishment with the category's configured cycle (fewer purchases than min_purchases)
+    SELECT c.customer_id, 3, c.category COLLATE "C", c.category || ':' || triggers_iso_utc(c.last),
+           c.last + c.cfg_days * interval '1 day' - $11::int * interval '1 day',
+           ARRAY['category', 'cycle_days', 'due_date', 'last_purchase_date', 'days_since_last_purchase'],
+           ARRAY[c.category, c.cfg_days::text,
+                 to_char(((c.last + c.cfg_days * interval '1 day') AT TIME ZONE c.tz)::date, 'YYYY-MM-DD'),
+                 to_char((c.last AT TIME ZONE c.tz)::date, 'YYYY-MM-DD'),
+                 floor(extract(epoch FROM $2 - c.last) / 86400)::bigint::text],
+           NULL, c.category
+    FROM cat c
+    WHERE c.tz IS NOT NULL AND c.n > 0 AND c.n < $12::int AND c.cfg_days <> 0
+      AND c.reminded_for IS DISTINCT FROM c.last
+      AND c.last + c.cfg_days * interval '1 day' - $11::int * interval '1 day' <= $2
+      AND c.last + c.cfg_days * interval '1 day' - $11::int * interval '1 day' + $15::interval >= $2
+    UNION ALL
+    -- points_expiring: per local month of expiry, days_before the first lot of it expires
+    SELECT p.customer_id, 4, p.month COLLATE "C", p.month, p.first - $16::int * interval '1 day',
+           ARRAY['points', 'expires_at', 'expires_date', 'points_balance'],
+           ARRAY[p.points::text, triggers_iso_utc(p.first), to_char((p.first AT TIME ZONE p.tz)::date, 'YYYY-MM-DD'),
+                 p.balance::text],
+           NULL, NULL
+    FROM (SELECT l.customer_id, l.tz, l.points_fired_for, to_char(l.expires_at AT TIME ZONE l.tz, 'YYYY-MM') AS month,
+                 sum(l.points) AS points, min(l.expires_at) AS first, max(l.balance) AS balance
+          FROM (SELECT l.customer_id, l.points, l.expires_at, f.tz, f.points_fired_for,
+                       sum(l.points) OVER (PARTITION BY l.customer_id) AS balance  -- CustomerFacts.points_open
+                FROM point_lots l JOIN f USING (customer_id) WHERE f.tz IS NOT NULL) l
+          WHERE l.points > 0 AND l.expires_at > $2
+          GROUP BY l.customer_id, l.tz, l.points_fired_for, 4) p
+    WHERE (p.points_fired_for IS NULL OR p.points_fired_for COLLATE "C" < p.month COLLATE "C")
+      AND p.points >= $17::int AND p.first - $16::int * interval '1 day' <= $2
+),
+py AS MATERIALIZED (
+    SELECT f.customer_id FROM f WHERE f.tz IS NULL
+    UNION
+    SELECT c.customer_id FROM cat c WHERE c.n >= $12::int AND c.reminded_for IS DISTINCT FROM c.last
+      AND c.remind_at <= $2 AND c.remind_at + $15::interval >= $2
+)
+SELECT row_number() OVER (ORDER BY d.customer_id, d.rank, d.sub), d.customer_id,
+       (ARRAY['birthday_coupon', 'win_back', 'abandoned_cart', 'replenishment', 'points_expiring'])[d.rank + 1],
+       d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires, d.category, f.version, f.at
+FROM due d JOIN f USING (customer_id) WHERE NOT EXISTS (SELECT 1 FROM py WHERE py.customer_id = d.customer_id)
+UNION ALL
+SELECT NULL, py.customer_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM py
+RETURNING rn, customer_id, kind, period, triggers_epoch_ms(occurred_at), ctx_keys, ctx_vals,
+          triggers_epoch_ms(offer_expires)
+"""
+
+_SCAN_FIRE = """
+WITH ins AS (
+    INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, cause_event_id,
+                                context, offer)
+    SELECT e.trigger_id, d.kind, d.customer_id, d.period, $1::timestamptz, d.occurred_at, NULL,
+           jsonb_strip_nulls(jsonb_object(d.ctx_keys, d.ctx_vals)),
+           CASE d.kind
+               WHEN 'birthday_coupon' THEN jsonb_build_object(
+                   'code', e.code, 'description', $2::text, 'amount', $3::bigint, 'min_spend', $4::bigint,
+                   'currency', $8::text, 'expires_at', triggers_iso_utc(d.offer_expires))
+               WHEN 'win_back' THEN jsonb_build_object(
+                   'code', e.code, 'description', $5::text, 'amount', $6::bigint, 'min_spend', $7::bigint,
+                   'currency', $8::text, 'expires_at', $9::text)
+           END
+    FROM scan_due d JOIN scan_enc e USING (rn)
+    ON CONFLICT (trigger_id) DO NOTHING
+    RETURNING trigger_id, kind
+), sent AS (
+    INSERT INTO outbox (topic, key, value)
+    SELECT $10::text, convert_to(d.customer_id, 'UTF8'), e.value
+    FROM scan_due d JOIN scan_enc e USING (rn) JOIN ins ON ins.trigger_id = e.trigger_id
+    ORDER BY d.rn
+)
+SELECT kind, count(*) AS n FROM ins GROUP BY kind
+"""
+
+# What the Python rules' mark_fired + save_facts remember of fired triggers, for the scanned customers
+# whose facts are as they were read (row version); the others' rows leave scan_due and are returned.
+_SCAN_MARK = """
+WITH m AS (
+    SELECT customer_id, max(period::int) FILTER (WHERE kind = 'birthday_coupon') AS year,
+           bool_or(kind = 'win_back') AS winback,
+           max(period COLLATE "C") FILTER (WHERE kind = 'points_expiring') AS month,
+           min(version::text)::xid AS version, min(at) AS at
+    FROM scan_due WHERE kind IS NOT NULL GROUP BY customer_id
+), u AS (
+    UPDATE customer_facts f SET
+        birthday_fired_for = CASE WHEN m.year IS NULL THEN f.birthday_fired_for
+                                  ELSE greatest(coalesce(f.birthday_fired_for, 0), m.year) END,
+        winback_fired_for = CASE WHEN m.winback THEN f.last_purchase_at ELSE f.winback_fired_for END,
+        points_fired_for = CASE WHEN m.month IS NULL THEN f.points_fired_for
+                                ELSE greatest(coalesce(f.points_fired_for, '') COLLATE "C", m.month COLLATE "C") END,
+        updated_at = now()
+    FROM m
+    WHERE f.ctid = m.at AND f.customer_id = m.customer_id AND f.xmin = m.version
+    RETURNING f.customer_id
+), stale AS (
+    DELETE FROM scan_due d
+    WHERE d.kind IS NOT NULL AND NOT EXISTS (SELECT 1 FROM u WHERE u.customer_id = d.customer_id)
+    RETURNING d.customer_id
+)
+SELECT DISTINCT customer_id FROM stale
+"""
+
+_SCAN_MARK_CHILDREN = """
+UPDATE carts k SET status = 'abandoned' FROM scan_due d
+WHERE d.kind = 'abandoned_cart' AND k.customer_id = d.customer_id AND k.cart_id = d.period;
+UPDATE category_facts c SET reminded_for = c.purchases[cardinality(c.purchases)] FROM scan_due d
+WHERE d.kind = 'replenishment' AND c.customer_id = d.customer_id AND c.category = d.category
+"""
+
+
+async def sql_zones(conn: asyncpg.Connection) -> set[str]:
+    """Zone names PostgreSQL reads as the same zoneinfo zone (not as a fixed-offset abbreviation)."""
+    rows = await conn.fetch(
+        "SELECT name FROM pg_timezone_names WHERE name IN ('UTC', 'GMT') "
+        "OR name NOT IN (SELECT abbrev FROM pg_timezone_abbrevs)")
+    return {r["name"] for r in rows}
+
+
+async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.datetime, cfg: RuleConfig,
+                       zones: Sequence[str], default_zone: str) -> list[asyncpg.Record]:
+    """Decide the candidates' due time-based triggers (wall clock, since = as_of), without locks.
+
+    Rows: (rn, customer_id, kind, period, occurred_at_ms, ctx_keys, ctx_vals, offer_expires_ms); kind
+    NULL names a customer the Python rules must judge. Call inside a transaction; the rows stay in
+    the temporary table scan_due until it ends.
+    """
+    # Interval days are 24 hours, as in Python; no JIT: it compiles for seconds what runs in milliseconds.
+    # A chunk is a known heavy batch statement: it may take longer than the services' query timeout.
+    await conn.execute("SET LOCAL TimeZone = 'UTC'; SET LOCAL jit = off; SET LOCAL statement_timeout = '10min'")
+    await conn.execute(_SCAN_TABLES)
+    cycles = sorted(cfg.replenishment_cycles.items())
+    months, days = birthday_window(as_of, as_of - cfg.lateness("birthday_coupon"), cfg.birthday_days_before)
+    return await conn.fetch(
+        _SCAN_DUE, list(ids), as_of, list(zones), default_zone, cfg.win_back_lapse, cfg.lateness("win_back"),
+        cfg.cart_after, cfg.lateness("abandoned_cart"), cfg.birthday_days_before, cfg.birthday_valid_days,
+        cfg.replenishment_days_before, cfg.replenishment_min_purchases, [k for k, _ in cycles],
+        [v for _, v in cycles], cfg.lateness("replenishment"), cfg.points_days_before, cfg.points_min,
+        exponent(cfg.currency), cfg.currency, months, days)
+
+
+async def fire_scan_due(conn: asyncpg.Connection, encoded: Sequence[tuple[int, str, str | None, bytes]],
+                        as_of: dt.datetime, cfg: RuleConfig, descriptions: Mapping[str, str],
+                        winback_expires: dt.datetime, topic: str) -> tuple[dict[str, int], list[str]]:
+    """Mark the scan_due triggers in the facts and record them (rn, trigger_id, offer code, Avro value).
+
+
+    Triggers new by trigger_id go to the outbox in scan order. Customers whose facts a concurrent
+    batch changed since scan_due_sql read them get nothing from here (their rows are dropped) and
+    are returned for the Python rules to judge again, under row locks, in the same transaction.
+    Returns (how many were new per kind, the customers to judge again).
+    """
+    stale = [r["customer_id"] for r in await conn.fetch(_SCAN_MARK)]
+    await conn.execute(_SCAN_MARK_CHILDREN)
+    if encoded:
+        await conn.copy_records_to_table("scan_enc", records=encoded, columns=["rn", "trigger_id", "code", "value"])
+    rows = await conn.fetch(
+        _SCAN_FIRE, as_of, descriptions["birthday_coupon"], cfg.birthday_amount, cfg.birthday_min_spend,
+        descriptions["win_back"], cfg.win_back_amount, cfg.win_back_min_spend, cfg.currency,
+        winback_expires.isoformat(), topic)
+    return {r["kind"]: r["n"] for r in rows}, stale
