@@ -10,6 +10,7 @@ savepoint is rolled back and the batch is resolved again against the now-committ
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,10 @@ from shared.topics import (
 
 log = logging.getLogger(__name__)
 CUSTOMER_TYPES = frozenset(t for t in ROUTES if t not in STORE_TYPES)
+# Only these types can say something about the profile (profile.delta_of); every other event
+# shares one empty delta, which nothing mutates (profile.merge builds new states).
+_DELTA_TYPES = profile.PROFILE_TYPES | {"consent_update"}
+_NO_DELTA = profile.empty()
 
 
 class _GraphMoved(Exception):
@@ -55,6 +60,7 @@ class _Item:
     event: dict[str, Any]
     incoming: Incoming
     raw: bytes | None = None
+    tail: bytes | None = None  # the ResolvedEvent after customer_id, for incoming.identifiers
 
 
 def _avro_long(buf: bytearray, n: int) -> None:
@@ -65,10 +71,20 @@ def _avro_long(buf: bytearray, n: int) -> None:
     buf.append(n)
 
 
-def _avro_string(buf: bytearray, text: str) -> None:
+_SMALL = [bytes(((n << 1),)) for n in range(64)]  # zig-zag varints of 0..63: one byte
+
+
+def _avro_len(n: int) -> bytes:
+    if n < 64:
+        return _SMALL[n]
+    buf = bytearray()
+    _avro_long(buf, n)
+    return bytes(buf)
+
+
+def _avro_str(text: str) -> bytes:
     data = text.encode()
-    _avro_long(buf, len(data))
-    buf += data
+    return _avro_len(len(data)) + data
 
 
 class IdentityMetrics:
@@ -111,46 +127,60 @@ class IdentityHandler:
 
     async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
         bound = [r for r in records
-                 if isinstance(r.value, dict) and r.value.get("type") in CUSTOMER_TYPES]
+                 if isinstance(r.value, dict) and dict.get(r.value, "type") in CUSTOMER_TYPES]
         if not bound:
             return
         events = [r.value for r in bound]
-        await self._learn_countries(conn, {e["store_id"] for e in events if e.get("store_id")})
-        items = [self._item(r.value, r.raw) for r in bound]
+        await self._learn_countries(conn, {s for e in events if (s := dict.get(e, "store_id"))})
         if not self._legacy_checked:  # a database from before 002: convert its clear rows first
             self._legacy_checked = await store.convert_legacy(conn, self.sealer) is None
+        self.sealer.forget()
+        # The claim goes out first, and the batch is normalised and its blind indexes computed
+        # while PostgreSQL runs it: the two overlap instead of taking turns. The claim stays in
+        # the consumer's transaction (a graph conflict below rolls back only the savepoint, and
+        # the retry resolves the same claimed events).
+        claim = asyncio.ensure_future(store.claim_events(conn, [e["event_id"] for e in events]))
+        await asyncio.sleep(0)  # let it write the query
+        try:
+            items = [self._item(r.value, r.raw) for r in bound]
+            self.sealer.tokens(sorted({i for item in items for i in item.incoming.identifiers}))
+        except BaseException:
+            await asyncio.gather(claim, return_exceptions=True)  # the connection is free again
+            raise
+        claimed = await claim
         for attempt in range(self.max_attempts):
             try:
                 async with conn.transaction():  # a savepoint inside the consumer's transaction
-                    await self._apply(conn, items)
+                    await self._apply(conn, items, claimed)
                 break
             except (asyncpg.UniqueViolationError, _GraphMoved):
                 self.metrics.conflicts.inc()
                 log.info("identity graph changed under the batch; resolving again (%d)", attempt + 1)
         else:
             raise TransientError("identity graph kept changing under the batch")
-        for e in events:
-            self.clock.observe(e["occurred_at"])
+        self.clock.observe(max(e["occurred_at"] for e in events))  # the clock keeps the largest
         if self.save_watermark is not None:
             await self.save_watermark(conn)
 
     def _item(self, event: dict[str, Any], raw: bytes | None) -> _Item:
-        country = self.countries.get(event.get("store_id") or "")
-        idents = self.normaliser.identifiers(event.get("customer"), country)
+        # dict.get: the lean decoder's event decodes `properties` lazily, nothing else is lazy.
+        store_id = dict.get(event, "store_id")
+        country = self.countries.get(store_id) if store_id else None
+        idents = self.normaliser.identifiers(dict.get(event, "customer"), country)
+        kind = event["type"]
         if not idents:
-            raise PermanentError("no_identifier",
-                                 f"{event['type']} event has no usable customer identifier")
-        return _Item(event, Incoming(event["event_id"], event["type"], event["occurred_at"],
-                                     tuple(idents), profile.delta_of(event)), raw)
+            raise PermanentError("no_identifier", f"{kind} event has no usable customer identifier")
+        delta = profile.delta_of(event) if kind in _DELTA_TYPES else _NO_DELTA
+        return _Item(event, Incoming(event["event_id"], kind, event["occurred_at"], tuple(idents), delta),
+                     raw)
 
     async def _learn_countries(self, conn: asyncpg.Connection, store_ids: set[str]) -> None:
         unknown = sorted(s for s in store_ids if s not in self.countries)
         if unknown:
             self.countries.update(await store.store_countries(conn, unknown))
 
-    async def _apply(self, conn: asyncpg.Connection, items: list[_Item]) -> None:
-        self.sealer.forget()
-        fresh = await store.claim_events(conn, [i.incoming.event_id for i in items])
+    async def _apply(self, conn: asyncpg.Connection, items: list[_Item], claimed: set[str]) -> None:
+        fresh = set(claimed)
         todo: list[_Item] = []
         for item in items:
             if item.incoming.event_id in fresh:
@@ -215,42 +245,66 @@ class IdentityHandler:
         services fold merged-away ids into survivors, as they must for events and merges that
         travel on different topics anyway); the graph itself is not written for these events."""
         idents = sorted({ident for i in todo for ident in i.incoming.identifiers})
-        known = await store.probe(conn, idents, self.sealer)
+        probe = asyncio.ensure_future(store.probe(conn, idents, self.sealer))
+        await asyncio.sleep(0)  # let it write the query
+        try:  # while PostgreSQL answers: the part of each resolved record that needs no owner
+            for item in todo:
+                item.tail = self._resolved_tail(item.incoming.identifiers, item)
+        finally:
+            known = await probe
+        owner_at, linked_at, quarantined = store.OWNER, store.LINKED_AT, store.QUARANTINED
         matched: dict[int, str] = {}
         touched: set[str] = set()
         for n, item in enumerate(todo):
             inc = item.incoming
-            owners = {p.owner if (p := known.get(i)) is not None and p.quarantined is None else None
-                      for i in inc.identifiers}
-            owner = next(iter(owners)) if len(owners) == 1 else None
-            if (owner is not None and not inc.erase and profile.is_empty(inc.delta)
-                    and any(inc.occurred_at >= known[i].linked_at for i in inc.identifiers)):
+            owner = None
+            for ident in inc.identifiers:  # one owner, unquarantined, for every identifier
+                p = known.get(ident)
+                if p is None or p[quarantined] is not None or p[owner_at] is None or (
+                        owner is not None and p[owner_at] != owner):
+                    owner = None
+                    break
+                owner = p[owner_at]
+            if (owner is not None and not inc.erase
+                    and (inc.delta is _NO_DELTA or profile.is_empty(inc.delta))
+                    and any(inc.occurred_at >= known[i][linked_at] for i in inc.identifiers)):
                 matched[n] = owner
             else:
-                touched.update(p.owner for i in inc.identifiers
-                               if (p := known.get(i)) is not None and p.owner is not None)
+                for ident in inc.identifiers:
+                    p = known.get(ident)
+                    if p is not None and p[owner_at] is not None:
+                        touched.add(p[owner_at])
         return {n: owner for n, owner in matched.items() if owner not in touched}
 
     def resolved_bytes(self, customer_id: str, identifiers: tuple[Ident, ...], item: _Item) -> bytes:
         """The ResolvedEvent value. When the input was written with the very Event schema that
         ResolvedEvent embeds, its Avro body is reused as is (a record's encoding is its fields'
         encodings in order), which saves re-encoding every event."""
-        raw = item.raw
-        if self._event_header is not None and raw is not None and raw[:HEADER_LEN] == self._event_header:
-            prefix = bytearray(self._resolved_header)
-            _avro_string(prefix, customer_id)
-            if identifiers:
-                _avro_long(prefix, len(identifiers))
-                for kind, value in identifiers:
-                    _avro_string(prefix, kind)
-                    _avro_string(prefix, value)
-            prefix.append(0)  # end of the identifiers array
-            return bytes(prefix) + raw[HEADER_LEN:]
+        tail = item.tail if identifiers == item.incoming.identifiers else None
+        if tail is None:
+            tail = self._resolved_tail(identifiers, item)
+        if tail is not None:
+            return b"".join((self._resolved_header, _avro_str(customer_id), tail))
         return self.codec.encode(RESOLVED, {
             "customer_id": customer_id,
             "identifiers": [{"type": t, "value": v} for t, v in identifiers],
             "event": for_encoding(item.event),
         })
+
+    def _resolved_tail(self, identifiers: tuple[Ident, ...], item: _Item) -> bytes | None:
+        """The encoded `identifiers` and `event` fields, when the input's body can be reused."""
+        raw = item.raw
+        if self._event_header is None or raw is None or raw[:HEADER_LEN] != self._event_header:
+            return None
+        parts = []
+        if identifiers:
+            parts.append(_avro_len(len(identifiers)))
+            for kind, value in identifiers:
+                parts.append(_avro_str(kind))
+                parts.append(_avro_str(value))
+        parts.append(b"\0")  # end of the identifiers array
+        parts.append(memoryview(raw)[HEADER_LEN:])
+        return b"".join(parts)
 
     def _merge_message(self, m) -> OutboxMessage:
         return OutboxMessage(IDENTITY_MERGES.name, m.survivor, self.codec.encode(MERGE, {

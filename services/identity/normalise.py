@@ -19,6 +19,7 @@ from shared.events import IDENTIFIER_TYPES
 
 Ident = tuple[str, str]
 PHONE_TYPES = ("phone", "whatsapp_id")
+_TYPES = frozenset(IDENTIFIER_TYPES)
 
 
 @lru_cache(maxsize=65536)
@@ -78,17 +79,26 @@ class Normaliser:
 
     def identifiers(self, customer: Mapping[str, Any] | None, country: str | None = None) -> list[Ident]:
         """The usable normalised identifiers of a `customer` record, sorted, blocklist removed."""
+        if not customer:
+            return []
         region = (country or self.default_country).upper()
+        blocklist = self.blocklist
         found: set[Ident] = set()
-        for kind in IDENTIFIER_TYPES:
-            raw = (customer or {}).get(kind)
-            if not raw:
+        # One pass over what the record holds (the decoded record has every type, mostly None).
+        for kind, raw in customer.items():
+            if not raw or kind not in _TYPES:
                 continue
-            norm = _normalise_one(kind, str(raw), region)
-            if norm is None or self.is_blocked(kind, str(raw), norm):
+            raw = str(raw)
+            if kind == "email":
+                norm = normalise_email(raw)
+            elif kind == "phone":
+                norm = normalise_phone(raw, region)
+            else:
+                norm = _normalise_one(kind, raw, region)
+            if norm is None or (kind, norm) in blocklist or (kind, raw.strip().lower()) in blocklist:
                 continue
             found.add((kind, norm))
-            if kind == "whatsapp_id" and norm.startswith("+") and not (customer or {}).get("phone"):
+            if kind == "whatsapp_id" and norm.startswith("+") and not customer.get("phone"):
                 # The WhatsApp number is the person's phone: it joins the shopper seen at the till.
                 if not self.is_blocked("phone", norm, norm):
                     found.add(("phone", norm))

@@ -19,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,13 +37,25 @@ PERSONAL_TYPES = frozenset({"email", "phone", "loyalty_id", "pos_customer_id", "
 MAX_QUARANTINE_NOTES = 50
 
 
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+
+def _uuid5(name: str) -> str:
+    """str(uuid.uuid5(NAMESPACE, name)) without building the UUID object (this runs per event)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50   # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80   # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def customer_id_for(event_id: str) -> str:
     """Deterministic id of the customer an event creates."""
-    return str(uuid.uuid5(NAMESPACE, f"customer:{event_id}"))
+    return _uuid5(f"customer:{event_id}")
 
 
 def merge_id_for(survivor: str, merged: str, cause_event_id: str | None) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"merge:{survivor}:{merged}:{cause_event_id or ''}"))
+    return _uuid5(f"merge:{survivor}:{merged}:{cause_event_id or ''}")
 
 
 class NoIdentifier(Exception):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -24,7 +23,7 @@ ON CONFLICT DO NOTHING RETURNING event_id
 # it holds, so an event after `linked_at` cannot move its created_at), and which are quarantined: no lock and no
 # profile columns; most events only match a customer they do not change.
 _PROBE = """
-SELECT u.n, i.customer_id, i.linked_at, q.reason
+SELECT i.customer_id, i.linked_at, q.reason, u.n
 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(t, k, n)
 LEFT JOIN LATERAL (SELECT customer_id, linked_at FROM identifiers
                    WHERE id_type = u.t AND token = u.k LIMIT 1) AS i ON true
@@ -124,18 +123,16 @@ async def claim_events(conn: asyncpg.Connection, event_ids: Sequence[str]) -> se
     return {r["event_id"] for r in rows}
 
 
-@dataclass(frozen=True)
-class Probe:
-    owner: str | None
-    linked_at: dt.datetime | None    # the owner's created_at is at most this
-    quarantined: str | None
+# A probe answer (an asyncpg Record, read by position: this runs for every identifier of a batch).
+OWNER, LINKED_AT, QUARANTINED = 0, 1, 2   # owner: customer id or None; the owner's created_at is
+                                          # at most linked_at; quarantined: reason or None
 
 
 async def probe(conn: asyncpg.Connection, idents: Sequence[Ident],
-                sealer: Sealer) -> dict[Ident, Probe]:
+                sealer: Sealer) -> dict[Ident, Any]:
     """Owner and quarantine state of identifiers, read without locks (absent = unknown)."""
-    rows = await conn.fetch(_PROBE, [t for t, _ in idents], [sealer.token(i) for i in idents])
-    return {idents[r["n"] - 1]: Probe(r["customer_id"], r["linked_at"], r["reason"]) for r in rows}
+    rows = await conn.fetch(_PROBE, [t for t, _ in idents], sealer.tokens(list(idents)))
+    return {idents[r[3] - 1]: r for r in rows}
 
 
 async def load_graph(conn: asyncpg.Connection, graph: Graph, idents: Iterable[Ident],

@@ -45,6 +45,10 @@ class LazyEvent(dict):
         return dict.get(self, key, default)
 
 
+def _timestamp(ms: int, _epoch: dt.datetime = EPOCH, _delta: type[dt.timedelta] = dt.timedelta) -> dt.datetime:
+    return _epoch + _delta(0, ms // 1000, (ms % 1000) * 1000)  # exact, and cheaper than milliseconds=
+
+
 def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
     b = buf[pos]
     pos += 1
@@ -81,6 +85,7 @@ def event_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
             and fields[len(_ENVELOPE)]["name"] == "customer"
             and all(f["type"] == ["null", "string"] for f in customer["fields"]))
     header = latest.header
+    n_optional = 2 + len(customer_fields)  # source, store_id, then the customer's fields
 
     def full(topic: Topic, raw: bytes | None) -> Any:  # what BatchConsumer does by default
         if raw is None:
@@ -92,25 +97,56 @@ def event_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
     def decode(topic: Topic, raw: bytes | None) -> Any:
         if not lean or raw is None or topic.subject != EVENT or raw[:HEADER_LEN] != header:
             return full(topic, raw)
+        # The varints are read inline (a call per field was most of this function's time): a
+        # string length or union branch is almost always one byte; longer ones take _read_long.
         try:
             pos = HEADER_LEN
-            event_id, pos = _read_string(raw, pos)
-            kind, pos = _read_string(raw, pos)
-            occurred, pos = _read_long(raw, pos)
+            n = raw[pos]
+            if n < 0x80:
+                pos += 1
+                n = (n >> 1) ^ -(n & 1)
+            else:
+                n, pos = _read_long(raw, pos)
+            end = pos + n
+            event_id = raw[pos:end].decode()
+            n = raw[end]
+            if n < 0x80:
+                pos = end + 1
+                n = (n >> 1) ^ -(n & 1)
+            else:
+                n, pos = _read_long(raw, end)
+            end = pos + n
+            kind = raw[pos:end].decode()
+            occurred, pos = _read_long(raw, end)
             offset, pos = _read_long(raw, pos)
             received, pos = _read_long(raw, pos)
-            source, pos = _optional_string(raw, pos)
-            store_id, pos = _optional_string(raw, pos)
-            cust: dict[str, str | None] = {}
-            for name in customer_fields:
-                cust[name], pos = _optional_string(raw, pos)
+            values: list[str | None] = []
+            for _ in range(n_optional):
+                branch = raw[pos]
+                pos += 1
+                if branch == 0:
+                    values.append(None)
+                    continue
+                if branch != 2:
+                    raise IndexError  # not a union branch of ["null", "string"]: the codec decides
+                n = raw[pos]
+                if n < 0x80:
+                    pos += 1
+                    n = (n >> 1) ^ -(n & 1)
+                else:
+                    n, pos = _read_long(raw, pos)
+                end = pos + n
+                values.append(raw[pos:end].decode())
+                pos = end
+            if pos > len(raw) or n < 0:
+                raise IndexError
         except (IndexError, UnicodeDecodeError):
             return full(topic, raw)  # malformed: let the codec raise its error
         event = LazyEvent(event_id=event_id, type=kind,
-                          occurred_at=EPOCH + dt.timedelta(milliseconds=occurred),
-                          utc_offset_minutes=offset,
-                          received_at=EPOCH + dt.timedelta(milliseconds=received),
-                          source=source, store_id=store_id, customer=cust)
+                          occurred_at=_timestamp(occurred), utc_offset_minutes=offset,
+                          received_at=_timestamp(received),
+                          source=values[0], store_id=values[1],
+                          customer=dict(zip(customer_fields, values[2:], strict=True)))
         event._raw = raw
         event._codec = codec
         return event

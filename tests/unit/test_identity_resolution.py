@@ -4,6 +4,7 @@ erase, unmerge, and the property that order and repetition do not change the out
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from services.identity import profile
 from services.identity.resolution import (
+    NAMESPACE,
     Graph,
     Guard,
     Incoming,
@@ -42,6 +44,14 @@ def test_no_match_creates_a_customer_with_a_deterministic_id() -> None:
     assert r.outcome == "new" and r.customer_id == customer_id_for("e1")
     assert g.owners == {E1: r.customer_id, P1: r.customer_id}
     assert resolve(Graph(), ev("e1", E1)).customer_id == r.customer_id
+
+
+@given(st.text(max_size=80), st.text(max_size=40), st.one_of(st.none(), st.text(max_size=40)))
+@settings(max_examples=200, deadline=None)
+def test_ids_are_uuid5_of_the_creating_event_and_of_the_merge(event_id, other, cause) -> None:
+    assert customer_id_for(event_id) == str(uuid.uuid5(NAMESPACE, f"customer:{event_id}"))
+    assert merge_id_for(event_id, other, cause) == str(
+        uuid.uuid5(NAMESPACE, f"merge:{event_id}:{other}:{cause or ''}"))
 
 
 def test_one_match_attaches_new_identifiers() -> None:

@@ -34,3 +34,14 @@ def test_quarantine_notes_round_trip_and_know_their_key() -> None:
     assert SEALER.open_note(stored) == note
     plain = {"type": "loyalty_id", "value": "L-1", "reason": "type_limit"}
     assert SEALER.seal_note(plain) == plain and SEALER.note_is_current(plain)
+
+
+def test_blind_index_tokens_are_the_vaults_index() -> None:
+    """The Sealer computes tokens with a pre-keyed HMAC; they must stay Vault.index exactly."""
+    vault = Vault.from_env({"OMNICRM_INDEX_KEY": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}, embedded=True)
+    sealer = Sealer(vault)
+    idents = [("email", "ann@example.com"), ("phone", "+12125550100"), ("loyalty_id", "Ĺ-ü-1"), ("email", "")]
+    assert [sealer.token(i) for i in idents] == [vault.index(*i) for i in idents]
+    sealer.forget()
+    assert sealer.tokens(idents) == [vault.index(*i) for i in idents]
+    assert Sealer(Vault.from_env({}, embedded=True)).token(idents[0]) != sealer.token(idents[0])

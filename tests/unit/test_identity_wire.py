@@ -47,3 +47,23 @@ def test_garbage_and_tombstones_go_the_codec_way() -> None:
         DECODE(INGEST_SALES, raw[:14])
     with pytest.raises(SchemaError):
         DECODE(INGEST_SALES, b"\xc3\x01" + b"\x00" * 12)
+
+
+def test_a_bad_union_branch_in_the_envelope_goes_the_codec_way() -> None:
+    ev = event("sale", None, email="a@example.com")
+    ev["source"] = "pos"
+    raw = CODEC.encode(EVENT, for_encoding(ev))
+    at = raw.index(b"\x02\x06pos")
+    with pytest.raises(SchemaError):
+        DECODE(INGEST_SALES, raw[:at] + b"\x04" + raw[at + 1:])
+
+
+@pytest.mark.parametrize("ms", [0, 1, -1, 999, 1_000, 86_399_999, 1_764_547_200_123, -62_135_596_800_000,
+                                253_402_300_799_999])
+def test_timestamps_decode_exactly(ms: int) -> None:
+    at = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
+    ev = event("sale", None, email="a@example.com")
+    ev["occurred_at"] = ev["received_at"] = at
+    raw = CODEC.encode(EVENT, for_encoding(ev))
+    assert dict(DECODE(INGEST_SALES, raw)) == {k: v for k, v in CODEC.decode(raw, EVENT).items()
+                                               if k != "properties"}
