@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 from bench.environment import bench_environment, plain_consume_rate, produce_values, save
-from services.identity.app import tune_gc
 from services.identity.handlers import IdentityHandler, IdentityMetrics
 from services.identity.normalise import Normaliser
 from services.identity.resolution import Guard
@@ -33,6 +32,7 @@ from shared.kafka import ensure_topics, make_producer
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.rules import load_rules
+from shared.runtime import tune_gc
 from shared.topics import (
     DEAD_LETTER,
     EVENT,
@@ -83,7 +83,7 @@ def stream(n: int, customers: int, rnd: random.Random) -> list[dict]:
 
 
 async def run(env, n: int, customers: int) -> dict:
-    tune_gc()  # as services/identity/app.py does at the worker's start
+    tune_gc()  # as shared.runtime.run_service does at every worker's start
     codec = AvroCodec(SchemaRegistry.load())
     rules = load_rules()["identity"]
     pool = await setup_database(env.dsn, "identity", MIGRATIONS, max_size=4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -217,6 +218,21 @@ class Runtime:
         log.info("%s stopped", self.service)
 
 
+# Collect the youngest generation every 50k net allocations instead of CPython's 700.
+GC_THRESHOLD = (50_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """A batch of 1000 events allocates tens of thousands of objects that live until the batch is
+    applied and are then freed by reference counting. At the default gen-0 threshold that is ~40
+    collections per batch, each walking the batch's live objects: ~9% of identity's CPU (measured
+    with gc.callbacks). With this threshold it is about one per batch. What startup built (modules,
+    schemas, phone metadata) is frozen out of the collector's way."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def run_service(service: str, build: Callable[[Runtime], FastAPI | None], *,
                 migrations: Path | None = None, pool_size: int = 10) -> None:
     """The `main()` of a service process: settings, logging, wiring by `build`, run until signalled."""
@@ -237,6 +253,7 @@ def run_service(service: str, build: Callable[[Runtime], FastAPI | None], *,
     configure_logging(service, settings.log_level)
     runtime = Runtime(service, settings, migrations=migrations, pool_size=pool_size)
     app = build(runtime)
+    tune_gc()
     try:
         asyncio.run(runtime.run(app))
     except OSError as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import gc
 
 from fastapi import FastAPI
 
@@ -16,23 +15,8 @@ from shared.crypto import Vault
 from shared.runtime import Runtime
 from shared.topics import INGEST_INTERACTIONS, INGEST_PROFILES, INGEST_SALES, INGEST_STORES
 
-# Collect the youngest generation every 50k net allocations instead of CPython's 700.
-GC_THRESHOLD = (50_000, 10, 10)
-
-
-def tune_gc() -> None:
-    """A batch of 1000 events allocates tens of thousands of objects that live until the batch is
-    applied and are then freed by reference counting. At the default gen-0 threshold that is ~40
-    collections per batch, each walking the batch's live objects: ~9% of the worker's CPU
-    (measured with gc.callbacks). With this threshold it is about one per batch. What startup
-    built (modules, schemas, phone metadata) is frozen out of the collector's way."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
-
 
 def build(runtime: Runtime) -> FastAPI:
-    tune_gc()
     rules = runtime.rules.get("identity") or {}
     metrics = IdentityMetrics(runtime.metrics)
     normaliser = Normaliser.from_rules(rules)
