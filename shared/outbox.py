@@ -105,8 +105,11 @@ class OutboxRelay:
                 continue
             if sent < self.batch_size:
                 self._wake.clear()
+                # Not wait_for: on Python 3.11 it swallows a cancel that arrives just as the
+                # event is set (a wake right before stop), and the relay then never stops.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.idle_poll)
+                    async with asyncio.timeout(self.idle_poll):
+                        await self._wake.wait()
 
     async def publish_once(self) -> int:
         """Publish one batch of unsent rows; returns how many were published.
