@@ -22,6 +22,7 @@ from services.ingestion.validation import (
     envelope_json_schema,
     events_of,
     exceeds_depth,
+    valid_events_within,
 )
 from shared.config import ApiKey
 from shared.http import ApiError, require
@@ -82,14 +83,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json(body: bytes, max_depth: int) -> Any:
+def parse_json(body: bytes, max_depth: int | None) -> Any:
+    """The parsed body (400 when not JSON), and with `max_depth` 400 when nested deeper."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise ApiError(400, "malformed_json", "the body is not valid UTF-8 JSON") from None
+    if max_depth is not None:
+        check_depth(parsed, max_depth)
+    return parsed
+
+
+def check_depth(parsed: Any, max_depth: int) -> None:
     if exceeds_depth(parsed, max_depth):
         raise ApiError(400, "too_deep", f"JSON nesting is limited to {max_depth} levels")
-    return parsed
 
 
 def _unavailable(exc: Unavailable) -> ApiError:
@@ -126,14 +133,23 @@ def build_router(ingestor: Ingestor, config: IngestionConfig, *, shopify_secret:
     buckets = (TokenBuckets(config.rate_limit_per_second, config.rate_limit_per_second * config.burst_factor)
                if config.rate_limit_per_second > 0 else None)
 
+    def spend(key: str, cost: int) -> float:
+        """Take the key's tokens: 0.0 when allowed, else the seconds to wait (nothing taken)."""
+        return buckets.take(key, cost, monotonic()) if buckets is not None else 0.0
+
+    def give_back(key: str, cost: int) -> None:
+        if buckets is not None:
+            buckets.give_back(key, cost)
+
+    def rate_limited(wait: float) -> ApiError:
+        return ApiError(429, "rate_limited",
+                        f"more than {config.rate_limit_per_second:g} events/s for this key",
+                        headers={"Retry-After": retry_after_header(wait)})
+
     def limit(key: str, cost: int) -> None:
-        if buckets is None:
-            return
-        wait = buckets.take(key, cost, monotonic())
+        wait = spend(key, cost)
         if wait > 0:
-            raise ApiError(429, "rate_limited",
-                           f"more than {config.rate_limit_per_second:g} events/s for this key",
-                           headers={"Retry-After": retry_after_header(wait)})
+            raise rate_limited(wait)
 
     @router.post(EVENTS_ROUTE, status_code=202, tags=["events"], summary="Publish one event or a batch",
                  responses=_responses(400, 401, 403, 413, 415, 422, 429, 503),
@@ -147,14 +163,28 @@ def build_router(ingestor: Ingestor, config: IngestionConfig, *, shopify_secret:
     async def publish_events(request: Request, key: ApiKey = require("ingest")) -> JSONResponse:
         """One event object, or `{"events": [...]}` (at most 1000); one result per event, in order."""
         body = await read_body(request, config.max_body_bytes)
-        parsed = parse_json(body, config.max_json_depth)
+        # The nesting limit (400) is judged before anything else answers, but walking every event
+        # for it cost as much as parsing: events that validate nest no deeper than the schema, so
+        # the walk is only needed when something did not validate (or before answering 422/429).
+        parsed = parse_json(body, None)
         try:
             items, batch = events_of(parsed, config.max_events)
         except RequestShapeError as exc:
+            check_depth(parsed, config.max_json_depth)
             raise ApiError(422, "invalid_request", exc.message,
                            [{"field": exc.field, "message": exc.message}]) from None
-        limit(key.name, len(items))
+        cost = len(items)
+        wait = spend(key.name, cost)
+        if wait > 0:
+            check_depth(parsed, config.max_json_depth)
+            raise rate_limited(wait)
         checked = ingestor.validate(items, key.name)
+        if not valid_events_within(items, checked, config.max_json_depth - (2 if batch else 0)):
+            try:
+                check_depth(parsed, config.max_json_depth)
+            except ApiError:
+                give_back(key.name, cost)  # as if the request had been refused before the limit
+                raise
         # The DLQ keeps each rejected event's own bytes; accepted ones need none.
         raws = [b"" if v.ok else (orjson.dumps(item) if batch else body) for v, item in zip(checked, items, strict=True)]
         try:

@@ -24,7 +24,8 @@ from aiokafka.errors import KafkaError
 
 from services.ingestion import routing, store
 from services.ingestion.config import IngestionConfig
-from services.ingestion.publishing import produce_acked
+from services.ingestion.encoding import EventEncoder
+from services.ingestion.publishing import BatchProducer
 from services.ingestion.validation import (
     RequestShapeError,
     Validated,
@@ -37,10 +38,9 @@ from shared.batch_consumer import Record
 from shared.clock import Clock
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.errors import PermanentError, SchemaError
-from shared.events import for_encoding
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxMessage, add_to_outbox
-from shared.topics import DEAD_LETTER, EVENT, INGEST_DLQ, Topic
+from shared.topics import DEAD_LETTER, INGEST_DLQ, Topic
 
 log = logging.getLogger(__name__)
 SERVICE = "ingestion"
@@ -77,22 +77,30 @@ class Outcome:
 
     results: list[Result]
 
+    def counts(self) -> dict[str, int]:
+        """Results per status (every status present, zero when none)."""
+        out = dict.fromkeys(("accepted", "duplicate", "rejected", "ignored"), 0)
+        for r in self.results:
+            out[r.status] += 1
+        return out
+
     def count(self, status: str) -> int:
-        return sum(1 for r in self.results if r.status == status)
+        return self.counts()[status]
 
     @property
     def all_rejected(self) -> bool:
         return bool(self.results) and all(r.status == "rejected" for r in self.results)
 
     def as_json(self) -> dict[str, Any]:
+        counts = self.counts()
         body: dict[str, Any] = {
-            "accepted": self.count("accepted"),
-            "duplicates": self.count("duplicate"),
-            "rejected": self.count("rejected"),
+            "accepted": counts["accepted"],
+            "duplicates": counts["duplicate"],
+            "rejected": counts["rejected"],
             "results": [r.as_json() for r in self.results],
         }
-        if self.count("ignored"):
-            body["ignored"] = self.count("ignored")
+        if counts["ignored"]:
+            body["ignored"] = counts["ignored"]
         return body
 
 
@@ -125,16 +133,24 @@ class Ingestor:
                  config: IngestionConfig, pool: Callable[[], asyncpg.Pool | None],
                  producer: Callable[[], Any], wake_relay: Callable[[], None]) -> None:
         self.codec = codec
+        self.encoder = EventEncoder(codec)  # == codec.encode(EVENT, for_encoding(event)), compiled
         self.clock = clock
         self.metrics = metrics
         self.config = config
         self._pool = pool
         self._producer = producer
         self._wake_relay = wake_relay
+        self._batcher: BatchProducer | None = None
         self.events_total = metrics.counter(
             "events", "Input events by path (http, shopify, raw) and result.", ("via", "status"))
         self.produce_seconds = metrics.histogram(
             "produce_seconds", "Time to produce a request's events and get every broker ack.")
+
+    def _batches(self, producer: Any) -> BatchProducer:
+        """The shared record batches of the runtime's (current) producer."""
+        if self._batcher is None or self._batcher.producer is not producer:
+            self._batcher = BatchProducer(producer)
+        return self._batcher
 
     # -- pure-ish steps -----------------------------------------------------------------------
     def validate(self, items: Sequence[Any], source: str | None) -> list[Validated]:
@@ -149,7 +165,7 @@ class Ingestor:
                 continue
             topic, key = routing.route(v.event)
             try:
-                value = self.codec.encode(EVENT, for_encoding(v.event))
+                value = self.encoder.encode(v.event)
             except SchemaError as exc:  # validation let through what Avro refuses: a bug, reject safely
                 log.error("validated event %d not encodable: %s", i, exc.reason)
                 out[i] = Validated(v.event_id, None, [{"field": "", "message": "cannot be encoded"}])
@@ -211,7 +227,8 @@ class Ingestor:
                 if sent:
                     started = asyncio.get_running_loop().time()
                     async with asyncio.timeout(self.config.produce_timeout_seconds):
-                        await produce_acked(producer, [(e.topic.name, e.key.encode(), e.value) for e in sent])
+                        await self._batches(producer).produce_acked(
+                            [(e.topic.name, e.key.encode(), e.value) for e in sent])
                     self.produce_seconds.observe(asyncio.get_running_loop().time() - started)
         except (KafkaError, TimeoutError, *TRANSIENT_DB_ERRORS, asyncpg.DeadlockDetectedError) as exc:
             log.warning("publishing %d events failed (%s); rolled back", len(sent), type(exc).__name__)
@@ -231,8 +248,9 @@ class Ingestor:
             else:
                 results.append(Result(v.event_id, "duplicate"))
         outcome = Outcome(results)
+        counts = outcome.counts()
         for status in ("accepted", "duplicate", "rejected"):
-            n = outcome.count(status)
+            n = counts[status]
             if n:
                 self.events_total.labels(via=via, status=status).inc(n)
         if dead:

@@ -39,6 +39,13 @@ class TokenBuckets:
             return 0.0
         return (cost - bucket.tokens) / self.rate
 
+    def give_back(self, key: str, cost: int) -> None:
+        """Undo a `take` that was allowed (the request was refused for another reason after it):
+        the bucket is as if that request had not come."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(self.burst, bucket.tokens + min(float(cost), self.burst))
+
 
 def retry_after_header(wait_seconds: float) -> str:
     """Retry-After is whole seconds, at least 1."""

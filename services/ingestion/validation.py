@@ -114,6 +114,11 @@ def parse_datetime(text: str) -> dt.datetime | None:
     if not m:
         return None
     date, time, fraction, offset = m.groups()
+    if fraction is None and len(text) == 25 and text[10] == "T" and offset[0] in "+-":
+        try:  # already in the form rebuilt below
+            return dt.datetime.fromisoformat(text)
+        except ValueError:
+            return None
     fraction = (fraction or "")[:7]  # microseconds are all Python keeps
     offset = "+00:00" if offset in ("Z", "z") else offset
     try:
@@ -228,7 +233,19 @@ def _string_checker(attrs: dict[str, Any], identifier: bool) -> Checker:
         return value
 
     formatter = _formatter(fmt) if fmt is not None else None
+    # What a compiled record needs to check a well-formed value inline (and call `check` otherwise).
+    check.inline = _InlineString(control, low if low is not None else 0, high,  # type: ignore[attr-defined]
+                                 frozenset(allowed) if allowed is not None else None, formatter)
     return check
+
+
+@dataclass(frozen=True, slots=True)
+class _InlineString:
+    control: re.Pattern[str]
+    low: int
+    high: int | None
+    allowed: frozenset[str] | None
+    formatter: Callable[[str, str, _Errors], Any] | None
 
 
 def _integer_checker(attrs: dict[str, Any], bits: int) -> Checker:
@@ -249,6 +266,22 @@ def _integer_checker(attrs: dict[str, Any], bits: int) -> Checker:
 
 def _money_checker(attrs: dict[str, Any]) -> Checker:
     def check(value: Any, path: str, errs: _Errors, currency: str | None) -> Any:
+        # The common case (a plain non-negative amount that fits the currency) in few steps; the
+        # full check below takes the rest and words the errors.
+        if value.__class__ is str and currency is not None:
+            m = _DECIMAL.match(value.strip())
+            if m is not None:
+                whole, fraction = m.groups()
+                if len(whole) <= 18:
+                    places = currency_precision(currency)
+                    fraction = (fraction or "").rstrip("0")
+                    if len(fraction) <= places:
+                        minor = int(whole) * 10 ** places + int(fraction.ljust(places, "0") or "0")
+                        if minor <= _LONG_MAX:
+                            return minor
+        return full_check(value, path, errs, currency)
+
+    def full_check(value: Any, path: str, errs: _Errors, currency: str | None) -> Any:
         if isinstance(value, bool) or not isinstance(value, str):
             return errs.add(path, 'must be a decimal string such as "129.90", never a number')
         text = value.strip()
@@ -303,12 +336,14 @@ def _array_checker(items: Checker) -> Checker:
             return errs.add(path, "must be an array")
         out = []
         bad = False
+        # A record's compiled function directly (one call less per item).
+        each = (items._fn or items._compile()) if isinstance(items, _RecordChecker) else items
         for i, item in enumerate(value):
             if item is None:
                 errs.add(f"{path}[{i}]", "must not be null")
                 bad = True
                 continue
-            converted = items(item, f"{path}[{i}]", errs, currency)
+            converted = each(item, f"{path}[{i}]", errs, currency)
             bad |= converted is _BAD
             out.append(converted)
         return _BAD if bad else out
@@ -380,11 +415,18 @@ class _RecordChecker:
 
     @fields.setter
     def fields(self, fields: tuple[_Field, ...]) -> None:
-        # Plain tuples for the hot loop: unpacking is cheaper than attribute access.
         self._fields = tuple(fields)
-        self._plan = tuple((f.name, f.check, f.nullable, f.has_default, f.default,
-                            isinstance(f.default, dict | list), f.is_currency) for f in self._fields)
         self._paths = {}
+        self._fn = None
+
+    @property
+    def known(self) -> frozenset[str]:
+        return self._known
+
+    @known.setter
+    def known(self, known: frozenset[str]) -> None:
+        self._known = frozenset(known)
+        self._fn = None
 
     def _subpaths(self, path: str) -> tuple[str, ...]:
         subs = self._paths.get(path)
@@ -395,40 +437,82 @@ class _RecordChecker:
         return subs
 
     def __call__(self, value: Any, path: str, errs: _Errors, currency: str | None) -> Any:
-        if not isinstance(value, dict):
-            return errs.add(path, "must be an object")
-        out: dict[str, Any] = {}
-        bad = False
+        return (self._fn or self._compile())(value, path, errs, currency)
+
+    def _compile(self) -> Checker:
+        """This record's check as one straight-line function (no per-field loop, unpacking or
+        zip), built on first use, once the schema wiring has set `fields` and `known`."""
+        env: dict[str, Any] = {"_BAD": _BAD, "_copy": _copy, "_unknown_fields": _unknown_fields,
+                               "_paths": self._paths, "_subpaths": self._subpaths, "_known": self._known}
+        lines = ["def check(value, path, errs, currency):",
+                 "    if not isinstance(value, dict):",
+                 "        return errs.add(path, 'must be an object')",
+                 "    subs = _paths.get(path) or _subpaths(path)",
+                 "    bad = False"]
         if self.has_currency:
-            currency = None
-        subs = self._paths.get(path) or self._subpaths(path)
-        for (name, check, nullable, has_default, default, mutable, is_currency), sub in zip(
-                self._plan, subs, strict=True):
-            raw = value.get(name)
-            if raw is None or (nullable and raw.__class__ is str and not raw.strip()):
-                # absent; for optional fields "" and "   " mean absent too
-                if nullable:
-                    out[name] = None
-                elif has_default:
-                    out[name] = _copy(default) if mutable else default
-                else:
-                    errs.add(sub, "is required")
-                    bad = True
-                continue
-            converted = check(raw, sub, errs, currency)
-            if converted is _BAD:
-                bad = True
-                continue
-            out[name] = converted
-            if is_currency:
-                currency = converted
-        unknown = value.keys() - self.known
-        if unknown:
-            for name in sorted(unknown, key=str):
-                shown = _join(path, name) if isinstance(name, str) and _SAFE_KEY.match(name) else path
-                errs.add(shown, "is not a known field" if shown != path else "has a field that is not known")
-            bad = True
-        return _BAD if bad else out
+            lines.append("    currency = None")
+        for i, f in enumerate(self._fields):
+            check = f.check._fn or f.check._compile() if isinstance(f.check, _RecordChecker) else f.check
+            env[f"c{i}"] = check
+            env[f"d{i}"] = f.default
+            blank = " or (raw.__class__ is str and not raw.strip())" if f.nullable else ""
+            lines += [f"    raw = value.get({f.name!r})",
+                      f"    if raw is None{blank}:"]
+            if f.nullable:
+                lines.append(f"        f{i} = None")
+            elif f.has_default:
+                mutable = isinstance(f.default, dict | list)
+                lines.append(f"        f{i} = _copy(d{i})" if mutable else f"        f{i} = d{i}")
+            else:
+                lines += [f"        f{i} = None",
+                          f"        errs.add(subs[{i}], 'is required')",
+                          "        bad = True"]
+            inline = getattr(check, "inline", None)
+            if isinstance(inline, _InlineString):
+                # A string that passes every rule takes no call; anything else goes to the check,
+                # which finds the same value bad and words the error.
+                env[f"r{i}"] = inline.control.search
+                env[f"a{i}"] = inline.allowed
+                env[f"m{i}"] = inline.formatter
+                # isprintable() (C, no regex) is True only without control characters and
+                # surrogates; when False the pattern decides, as in the check.
+                rules = ["raw.__class__ is str", f"((s := raw.strip()).isprintable() or r{i}(s) is None)"]
+                if inline.low > 0:
+                    rules.append(f"len(s) >= {inline.low}")
+                if inline.high is not None:
+                    rules.append(f"len(s) <= {inline.high}")
+                if inline.allowed is not None:
+                    rules.append(f"s in a{i}")
+                good = (f"m{i}(s, subs[{i}], errs)" if inline.formatter is not None else "s")
+                lines += [f"    elif {' and '.join(rules)}:",
+                          f"        f{i} = {good}"]
+                if inline.formatter is not None:
+                    lines += [f"        if f{i} is _BAD:", "            bad = True"]
+                    if f.is_currency:
+                        lines += ["        else:", f"            currency = f{i}"]
+                elif f.is_currency:
+                    lines.append(f"        currency = f{i}")
+            lines += ["    else:",
+                      f"        f{i} = c{i}(raw, subs[{i}], errs, currency)",
+                      f"        if f{i} is _BAD:",
+                      "            bad = True"]
+            if f.is_currency:
+                lines += ["        else:", f"            currency = f{i}"]
+        lines += ["    if not _known.issuperset(value):",
+                  "        _unknown_fields(value, path, errs, _known)",
+                  "        return _BAD",
+                  "    if bad:",
+                  "        return _BAD",
+                  "    return {" + ", ".join(f"{f.name!r}: f{i}" for i, f in enumerate(self._fields)) + "}"]
+        exec("\n".join(lines), env)  # noqa: S102 - source generated from our own schema
+        self._fn = env["check"]
+        return self._fn
+
+
+def _unknown_fields(value: dict[str, Any], path: str, errs: _Errors, known: frozenset[str]) -> None:
+    for name in sorted(value.keys() - known, key=str):
+        shown = _join(path, name) if isinstance(name, str) and _SAFE_KEY.match(name) else path
+        errs.add(shown, "is not a known field" if shown != path else "has a field that is not known")
 
 
 def _copy(value: Any) -> Any:
@@ -579,8 +663,11 @@ def validate_event(raw: Any, *, received_at: dt.datetime, default_source: str | 
         if raw_props is None:
             raw_props = {}
         properties = props_checker(raw_props, "properties", errs, None)
+    occurred_utc = None
+    window = _window(received_at, max_future)
     if envelope is not _BAD:
-        _check_envelope_rules(envelope, raw, received_at, max_future, errs)
+        occurred_utc = envelope["occurred_at"].astimezone(dt.UTC)
+        _check_envelope_rules(envelope, occurred_utc, window, errs)
     if errs.items:
         return Validated(event_id, None, errs.items)
     assert envelope is not _BAD and properties is not _BAD
@@ -588,9 +675,9 @@ def validate_event(raw: Any, *, received_at: dt.datetime, default_source: str | 
     offset = occurred.utcoffset() or dt.timedelta(0)
     event = {
         **envelope,
-        "occurred_at": occurred.astimezone(dt.UTC),
+        "occurred_at": occurred_utc,
         "utc_offset_minutes": int(offset.total_seconds() // 60),
-        "received_at": received_at.astimezone(dt.UTC),
+        "received_at": window.received_utc,
         "source": envelope.get("source") or default_source,
         "properties": properties,
     }
@@ -600,17 +687,47 @@ def validate_event(raw: Any, *, received_at: dt.datetime, default_source: str | 
     return Validated(event["event_id"], event, [])
 
 
-def _check_envelope_rules(envelope: dict[str, Any], raw: dict[str, Any], received_at: dt.datetime,
-                          max_future: dt.timedelta, errs: _Errors) -> None:
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """The occurred_at range accepted at one receive time, in UTC (compared without offsets)."""
+
+    received_at: dt.datetime
+    max_future: dt.timedelta
+    latest: dt.datetime
+    earliest: dt.datetime
+    received_utc: dt.datetime
+
+
+_last_window: list[_Window] = []
+
+
+def _window(received_at: dt.datetime, max_future: dt.timedelta) -> _Window:
+    """The window of `received_at` (a request's events share one: it is kept for the next call)."""
+    if _last_window:
+        w = _last_window[0]
+        if w.received_at is received_at and w.max_future == max_future:
+            return w
+    # The bounds as before (arithmetic in received_at's own zone), then in UTC: the same instants.
+    w = _Window(received_at, max_future, (received_at + max_future).astimezone(dt.UTC),
+                (received_at - MAX_PAST).astimezone(dt.UTC), received_at.astimezone(dt.UTC))
+    _last_window[:] = [w]
+    return w
+
+
+def _check_envelope_rules(envelope: dict[str, Any], occurred_utc: dt.datetime, window: _Window,
+                          errs: _Errors) -> None:
     """The CONTRACTS rules that are about the whole event rather than one field's type."""
-    if envelope["occurred_at"] > received_at + max_future:
-        errs.add("occurred_at", f"is more than {int(max_future.total_seconds() // 60)} minutes in the future")
-    elif envelope["occurred_at"] < received_at - MAX_PAST:
+    if occurred_utc > window.latest:
+        errs.add("occurred_at",
+                 f"is more than {int(window.max_future.total_seconds() // 60)} minutes in the future")
+    elif occurred_utc < window.earliest:
         errs.add("occurred_at", f"is more than {MAX_PAST.days} days in the past")
     if envelope["type"] not in STORE_TYPES:
         customer = envelope.get("customer") or {}
-        if not any(customer.get(kind) for kind in IDENTIFIER_TYPES):
-            errs.add("customer", f"needs at least one identifier ({', '.join(IDENTIFIER_TYPES)})")
+        for kind in IDENTIFIER_TYPES:
+            if customer.get(kind):
+                return
+        errs.add("customer", f"needs at least one identifier ({', '.join(IDENTIFIER_TYPES)})")
 
 
 def _fill_store_id(event: dict[str, Any], errs: _Errors) -> None:
@@ -635,7 +752,7 @@ def _readable_event_id(raw: Any) -> str | None:
         value = raw.get("event_id")
         if isinstance(value, str):
             value = value.strip()
-            if 0 < len(value) <= 128 and not _CONTROL_STRICT.search(value):
+            if 0 < len(value) <= 128 and (value.isprintable() or not _CONTROL_STRICT.search(value)):
                 return value
     return None
 
@@ -668,6 +785,56 @@ def events_of(body: Any, max_events: int = 1000) -> tuple[list[Any], bool]:
     if isinstance(body, dict):
         return [body], False
     raise RequestShapeError("", "the body must be one event object or {\"events\": [...]}")
+
+
+@cache
+def _valid_depth() -> tuple[int | None, tuple[str, ...]]:
+    """The deepest JSON nesting (objects and arrays, as `exceeds_depth` counts it) an event can
+    have and still validate, read from the schema, and the envelope fields whose input validation
+    ignores (derived), so an event that validates may still hide deep values there. None when a
+    record below the envelope has such fields (no bound then)."""
+    schema = SchemaRegistry.load().latest(EVENT).schema
+    names: dict[str, dict[str, Any]] = {}
+    _collect_names(schema, names)
+    unbounded = False
+
+    def depth(node: Any, top: bool = False) -> int:
+        nonlocal unbounded
+        if isinstance(node, list):
+            return max(depth(b) for b in node)
+        if isinstance(node, str):
+            return depth(names[node]) if node in names else 0
+        kind = node["type"]
+        if kind == "record":
+            if not top and any(f.get("omnicrm.derived") for f in node["fields"]):
+                unbounded = True
+            return 1 + max((depth(f["type"]) for f in node["fields"] if not f.get("omnicrm.derived")),
+                           default=0)
+        if kind == "array":
+            return 1 + depth(node["items"])
+        if kind == "map":
+            return 1 + depth(node["values"])
+        return depth(kind) if isinstance(kind, dict | list) or kind in names else 0
+
+    bound = depth(schema, top=True)
+    derived = tuple(f["name"] for f in schema["fields"] if f.get("omnicrm.derived"))
+    return (None if unbounded else bound), derived
+
+
+def valid_events_within(items: list[Any], checked: list[Validated], levels: int) -> bool:
+    """Whether events that validated are known to nest at most `levels` deep without walking them:
+    validation accepts only the containers the schema has, except in ignored (derived) fields."""
+    bound, derived = _valid_depth()
+    if bound is None or bound > levels:
+        return False
+    for item, v in zip(items, checked, strict=True):
+        if v.event is None:
+            return False
+        for name in derived:
+            value = item.get(name)
+            if value is not None and isinstance(value, dict | list):
+                return False
+    return True
 
 
 def exceeds_depth(value: Any, limit: int) -> bool:

@@ -314,6 +314,44 @@ async def test_json_nesting_beyond_32_is_400(svc):
     assert r.status_code == 400 and r.json()["error"] == "too_deep"
 
 
+async def test_nesting_in_a_field_validation_ignores_is_still_400(svc):
+    # The nesting walk is skipped for events that validate; a derived field's input is ignored by
+    # validation, so a deep value there must still be found.
+    deep: object = "x"
+    for _ in range(33):
+        deep = [deep]
+    event = {**sale(f"deep-derived-{svc.unique}", "d@example.com"), "received_at": deep}
+    for body in (event, {"events": [sale(f"deep-ok-{svc.unique}", "d@example.com"), event]}):
+        r = await svc.client.post("/v1/events", json=body, headers=POS)
+        assert r.status_code == 400 and r.json()["error"] == "too_deep"
+    shallow = {**sale(f"shallow-derived-{svc.unique}", "d@example.com"), "received_at": [["x"]]}
+    r = await svc.client.post("/v1/events", json=shallow, headers=POS)
+    assert r.status_code == 202 and r.json()["accepted"] == 1
+
+
+async def test_too_deep_is_400_before_429_and_spends_no_tokens(svc):
+    app = svc.runtime.http()
+    app.include_router(build_router(svc.app.state.ingestor, IngestionConfig(rate_limit_per_second=10),
+                                    shopify_secret=None, pool=lambda: svc.runtime.pool, monotonic=lambda: 0.0))
+    deep: object = "x"
+    for _ in range(33):
+        deep = {"a": deep}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        bad = sale(f"rd-{svc.unique}-deep", "rd@example.com")
+        bad["properties"]["deep"] = deep
+        events = [sale(f"rd-{svc.unique}-{i}", "rd@example.com") for i in range(19)]
+        r = await client.post("/v1/events", json={"events": [*events, bad]}, headers=POS)
+        assert r.status_code == 400 and r.json()["error"] == "too_deep"
+        # The refused request took nothing from the bucket of 20.
+        r = await client.post("/v1/events", json={"events": [*events, sale(f"rd-{svc.unique}-x", "rd@example.com")]},
+                              headers=POS)
+        assert r.status_code == 202 and r.json()["accepted"] == 20
+        r = await client.post("/v1/events", json=bad, headers=POS)  # bucket empty, and too deep
+        assert r.status_code == 400 and r.json()["error"] == "too_deep"
+        r = await client.post("/v1/events", json=sale(f"rd-{svc.unique}-y", "rd@example.com"), headers=POS)
+        assert r.status_code == 429
+
+
 async def test_missing_or_wrong_key_is_401_and_wrong_scope_403(svc):
     body = sale(f"auth-{svc.unique}", "a@example.com")
     assert (await svc.client.post("/v1/events", json=body)).status_code == 401
