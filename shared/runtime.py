@@ -71,8 +71,9 @@ class Runtime:
 
         async def loop() -> None:
             while not self.stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), seconds)
+                with contextlib.suppress(TimeoutError):  # not wait_for: see shared/outbox.py
+                    async with asyncio.timeout(seconds):
+                        await self.stopping.wait()
                 if self.stopping.is_set():
                     return
                 try:

@@ -131,8 +131,9 @@ class Dispatcher:
                     claimed = 0
                 if claimed == 0:
                     self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.idle_poll)
+                    with contextlib.suppress(TimeoutError):  # not wait_for: see shared/outbox.py
+                        async with asyncio.timeout(self.idle_poll):
+                            await self._wake.wait()
         finally:
             await self.stop()
 
