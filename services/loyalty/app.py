@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from services.loyalty.api import router
 from services.loyalty.handlers import LoyaltyHandler
 from services.loyalty.rules import LoyaltyRules
+from services.loyalty.wire import resolved_decoder
 from shared.runtime import Runtime
 from shared.topics import IDENTITY_EVENTS, IDENTITY_MERGES
 
@@ -17,7 +18,8 @@ def build(runtime: Runtime) -> FastAPI:
     rules = LoyaltyRules.from_config(runtime.rules, runtime.settings.base_currency)
     handler = LoyaltyHandler(rules, runtime.codec, runtime.clock, metrics=runtime.metrics,
                              save_watermark=runtime.save_watermark)
-    runtime.consume([IDENTITY_EVENTS, IDENTITY_MERGES], handler)
+    runtime.consume([IDENTITY_EVENTS, IDENTITY_MERGES], handler,
+                    decoder=resolved_decoder(runtime.codec))
 
     async def expire() -> None:
         assert runtime.pool is not None

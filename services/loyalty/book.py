@@ -53,6 +53,9 @@ class LotsNotLoaded(RuntimeError):
 def next_expiry(acct: Account) -> dt.datetime | None:
     """When the account's oldest points expire (what the expiry timer looks for)."""
     first = acct.lots[0].expires_at if acct.lots else None
+    if acct.lots_loaded and acct.lots_after is not None:
+        after = acct.lots_after[0]
+        return after if first is None else min(first, after)
     if acct.lots_loaded or acct.next_expiry_at is None:
         return first
     return acct.next_expiry_at if first is None else min(first, acct.next_expiry_at)
@@ -136,6 +139,8 @@ class Book:
         depend on when the timer last ran."""
         if not acct.lots_loaded and acct.next_expiry_at is not None and acct.next_expiry_at <= as_of:
             raise LotsNotLoaded(acct.customer_id)
+        if acct.lots_after is not None and acct.lots_after[0] <= as_of:
+            raise LotsNotLoaded(acct.customer_id)  # a lot left out would expire now
         if acct.lots and acct.lots[0].expires_at <= as_of:
             due = R.due_lots(acct.lots, as_of)
             for lot in due:
@@ -237,6 +242,8 @@ class Book:
         survivor = self.account(self.resolve(m.survivor))
         merged = self.account(m.merged)
         points = 0
+        if survivor.lots_after is not None or merged.lots_after is not None:
+            raise LotsNotLoaded(merged.customer_id)  # merges move every lot: all must be loaded
         if merged is not survivor:
             self.catch_up(survivor, as_of)
             self.catch_up(merged, as_of)
@@ -275,6 +282,8 @@ class Book:
         self._touch(target)
         orders = [self.orders[k] for k in moved_keys if k in self.orders]
         holders = sorted({o.owner for o in orders} - {target.customer_id})
+        if any(self.account(h).lots_after is not None for h in [*holders, target.customer_id]):
+            raise LotsNotLoaded(target.customer_id)
         for holder_id in holders:
             self.catch_up(self.account(holder_id), as_of)
         self.catch_up(target, as_of)
@@ -334,7 +343,12 @@ class Book:
             return
         if not acct.lots_loaded:
             raise LotsNotLoaded(acct.customer_id)
+        after = acct.lots_after
+        if after is not None and sum(lot.remaining for lot in acct.lots) < points:
+            raise LotsNotLoaded(acct.customer_id)  # the rest is in lots left out
         for lot, _ in R.consume(acct.lots, points, prefer=prefer):
+            if after is not None and lot.order_key != prefer and lot.fifo_key() >= after:
+                raise LotsNotLoaded(acct.customer_id)  # an older lot left out comes first
             self.dirty_orders[lot.order_key] = lot
         acct.lots = [lot for lot in acct.lots if lot.remaining > 0]
         acct.balance -= points

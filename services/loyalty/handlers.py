@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from functools import cache
 from typing import Any
 
 import asyncpg
 
 from services.loyalty import store
-from services.loyalty.book import Book, command_key
+from services.loyalty.book import Book, LotsNotLoaded, command_key
 from services.loyalty.ledger import (
     TIER_CHANGED,
+    Account,
     Command,
     Enrol,
     Erase,
@@ -22,8 +24,8 @@ from services.loyalty.ledger import (
     Sale,
     order_key,
 )
-from services.loyalty.rules import LoyaltyRules, UnknownCurrency, exponent
-from services.loyalty.wire import loyalty_encoder
+from services.loyalty.rules import LoyaltyRules, UnknownCurrency, exponent, points_for
+from services.loyalty.wire import IGNORED, loyalty_encoder
 from shared.avro import AvroCodec, SchemaRegistry
 from shared.batch_consumer import Record
 from shared.clock import Clock, FixedClock
@@ -37,8 +39,20 @@ ENROLLING_TYPES = frozenset({"signup"})
 def parse(value: dict[str, Any] | None, rules: LoyaltyRules) -> Command | None:
     """The loyalty command a decoded record carries, None when it is nothing to loyalty.
     Raises PermanentError for records that can never be applied (they go to the DLQ)."""
-    if value is None:
+    if value is None or value is IGNORED:
         return None
+    if isinstance(value, Sale):  # read straight from the Avro bytes (wire.resolved_decoder)
+        currency = _currency(value.currency, rules)
+        if value.total < 0 or value.points_redeemed < 0:
+            raise PermanentError("invalid_amount", "a sale's total and points_redeemed cannot be negative")
+        return value if currency == value.currency else replace(value, currency=currency)
+    if isinstance(value, Return):
+        currency = _currency(value.currency, rules)
+        if value.total < 0:
+            raise PermanentError("invalid_amount", "a return's total cannot be negative")
+        return value if currency == value.currency else replace(value, currency=currency)
+    if isinstance(value, Erase | Enrol):
+        return value
     if "merge_id" in value:
         if value["kind"] not in ("merged", "unmerged"):
             raise PermanentError("invalid_merge", f"unknown merge kind {value['kind']!r}")
@@ -141,28 +155,50 @@ class LoyaltyHandler:
 
     async def _load(self, conn: asyncpg.Connection, book: Book, ids: set[str], *,
                     keys: Iterable[str] = (), lots_for: set[str] = frozenset(),
-                    since: dt.datetime | None, review_by: dt.datetime, whole: bool = False) -> None:
+                    since: dt.datetime | None, review_by: dt.datetime, whole: bool = False,
+                    need: dict[str, int | None] | None = None) -> None:
         """Lock and load the members `ids` into the book with the orders `keys`. Lots are loaded
         for `lots_for` and for members with points expiring by `review_by`; window orders for
         members whose spend leaves the window by then. `whole` loads all of both for everyone
-        (every order ever when `since` is None)."""
+        (every order ever when `since` is None). A member of `lots_for` with a number in `need`
+        (and nothing expiring) gets only its oldest lots holding that many points."""
         accounts, new = await store.lock_accounts(conn, ids - book.accounts.keys(), self.rules.entry_tier)
         book.accounts.update(accounts)
         for cid in new:
             book.dirty_accounts[cid] = accounts[cid]
         known = [a for a in accounts.values() if a.customer_id not in new]
+        partial: list[tuple[Account, int]] = []
         if whole:
             lots, window = known, known
         else:
-            lots = [a for a in known if a.customer_id in lots_for
-                    or (a.next_expiry_at is not None and a.next_expiry_at <= review_by)]
+            lots = []
+            for a in known:
+                expiring = a.next_expiry_at is not None and a.next_expiry_at <= review_by
+                if expiring or (a.customer_id in lots_for and (need or {}).get(a.customer_id) is None):
+                    lots.append(a)
+                elif a.customer_id in lots_for:
+                    partial.append((a, need[a.customer_id]))
             window = [a for a in known if a.review_at is not None and a.review_at <= review_by]
         await store.load_orders(conn, book.orders, keys=keys, open_for=lots, window_for=window,
                                 since=since)
+        if partial:
+            rest = await store.load_lots(conn, book.orders, partial, review_by)
+            if rest:
+                await store.load_orders(conn, book.orders, open_for=rest)
 
     async def _segment(self, conn: asyncpg.Connection, commands: list[Command], now: dt.datetime) -> None:
         if not commands:
             return
+        try:
+            book = await self._plan(conn, commands, now, partial_lots=True)
+        except LotsNotLoaded:
+            # Points had to come from lots left out: plan again with every lot loaded (the first
+            # book is dropped; nothing was written).
+            book = await self._plan(conn, commands, now, partial_lots=False)
+        await self._write(conn, book)
+
+    async def _plan(self, conn: asyncpg.Connection, commands: list[Command], now: dt.datetime, *,
+                    partial_lots: bool) -> Book:
         as_ofs = [max(now, c.occurred_at) for c in commands]
         since, latest = min(as_ofs) - self.rules.window, max(as_ofs)
         keys = {order_key(c.order_id) for c in commands if isinstance(c, Sale | Return)}
@@ -174,8 +210,9 @@ class LoyaltyHandler:
         consuming = {book.resolve(c.customer_id) for c in commands
                      if (isinstance(c, Sale) and (c.points_redeemed > 0 or order_key(c.order_id) in returned))
                      or isinstance(c, Return)}
+        need = self._need(book, commands, returned) if partial_lots else None
         await self._load(conn, book, {book.resolve(i) for i in ids}, keys=keys, lots_for=consuming,
-                         since=since, review_by=latest)
+                         since=since, review_by=latest, need=need)
         owners = {o.owner for k, o in book.orders.items() if k in returned}
         if owners - book.accounts.keys():
             book.aliases.update(await store.load_aliases(conn, owners - book.accounts.keys()))
@@ -188,7 +225,26 @@ class LoyaltyHandler:
             await store.load_orders(conn, book.orders, open_for=lacking)
         for c, as_of in zip(commands, as_ofs, strict=True):
             book.apply(c, as_of)
-        await self._write(conn, book)
+        return book
+
+    def _need(self, book: Book, commands: list[Command], returned: set[str]) -> dict[str, int | None]:
+        """Per consuming member, the most points this segment may take from its stored lots
+        (None: unknown, load them all): what its sales redeem, and for a return what the
+        returned amount earned (taken from the order's own lot first). An estimate only: taking
+        more raises LotsNotLoaded and the segment is planned again with every lot."""
+        need: dict[str, int | None] = {}
+        for c in commands:
+            if isinstance(c, Sale):
+                cid = book.resolve(c.customer_id)
+                if order_key(c.order_id) in returned:
+                    need[cid] = None
+                elif c.points_redeemed > 0 and need.get(cid, 0) is not None:
+                    need[cid] = need.get(cid, 0) + c.points_redeemed
+            elif isinstance(c, Return):
+                cid = book.resolve(c.customer_id)
+                if need.get(cid, 0) is not None:
+                    need[cid] = need.get(cid, 0) + points_for(self.rules, max(0, c.total), c.currency) + 1
+        return need
 
     async def _merge(self, conn: asyncpg.Connection, m: MergeCommand, now: dt.datetime) -> None:
         as_of = max(now, m.occurred_at)

@@ -94,6 +94,10 @@ class Account:
     # not needed: no redemption, return or expiry); next_expiry_at covers the stored ones then.
     lots_loaded: bool = True
     next_expiry_at: dt.datetime | None = None
+    # With lots_loaded: None when every open lot is in `lots`; else the FIFO key of the first
+    # stored lot left out (only the oldest lots, enough for the points this unit of work may
+    # consume, were loaded). Consuming or expiring past it raises LotsNotLoaded (book.py).
+    lots_after: tuple[dt.datetime, str] | None = None
     orders: dict[str, Order] = field(default_factory=dict)
     # True when `orders` holds every order in the tier window, so spend can be recomputed;
     # otherwise trailing_spend is carried forward (valid until review_at).
@@ -105,7 +109,10 @@ class Account:
     evaluated_at: dt.datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Entries, notices and commands are values, never changed after construction (dataclasses.replace
+# makes changed copies); they are not declared frozen because a frozen dataclass's __init__ costs
+# several times as much, and a few of them are built for every event.
+@dataclass(slots=True)
 class Entry:
     """One append-only ledger line; `points` is signed (earn and merge-in positive)."""
 
@@ -121,7 +128,7 @@ class Entry:
     detail: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notice:
     """A loyalty.events.v1 record to publish (omnicrm.loyalty.LoyaltyEvent)."""
 
@@ -150,7 +157,7 @@ class Notice:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejection:
     """A redemption that was not honoured, recorded with its reason (never silently clamped)."""
 
@@ -165,7 +172,7 @@ class Rejection:
 
 # -- commands: what the input topics ask for -------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sale:
     event_id: str
     customer_id: str
@@ -176,7 +183,7 @@ class Sale:
     points_redeemed: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Return:
     event_id: str
     customer_id: str
@@ -187,7 +194,7 @@ class Return:
     total: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Enrol:
     """A signup (or any first contact): the member exists with an empty account."""
 
@@ -196,14 +203,14 @@ class Enrol:
     occurred_at: dt.datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Erase:
     event_id: str
     customer_id: str
     occurred_at: dt.datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MergeCommand:
     merge_id: str
     kind: str  # merged | unmerged

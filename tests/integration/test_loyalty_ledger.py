@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import random
 from pathlib import Path
 
 import httpx
 import pytest
 
 from services.loyalty.api import router
-from services.loyalty.handlers import LoyaltyHandler, expire_due
+from services.loyalty.book import Book, next_expiry
+from services.loyalty.handlers import LoyaltyHandler, expire_due, parse
+from services.loyalty.ledger import order_key
 from services.loyalty.rules import LoyaltyRules
 from shared.auth import KeyRing
 from shared.avro import AvroCodec, SchemaRegistry
@@ -289,3 +292,58 @@ async def test_http_summary_and_ledger_pages_by_cursor(loyalty):
                                  headers={"Authorization": "Bearer ingest-secret"})).status_code == 403
         missing = await client.get("/v1/customers/nobody/loyalty", headers=auth)
         assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize(("seed", "tight"), [(1, False), (2, False), (3, False), (4, True), (5, True)])
+async def test_members_with_many_lots_spend_and_return_exactly_as_the_in_memory_book(
+        loyalty, monkeypatch, seed, tight):
+    """The handler reads only a member's oldest lots when few points are consumed (and everything
+    when more are): the ledger and every lot end exactly as the pure book, which holds all lots.
+    `tight` under-estimates what each member may consume, so points must come from lots left
+    out: the handler notices and plans the batch again with every lot."""
+    if tight:
+        estimate = LoyaltyHandler._need
+        monkeypatch.setattr(loyalty.handler, "_need", lambda *a: {
+            k: None if v is None else 1 for k, v in estimate(loyalty.handler, *a).items()})
+    rng = random.Random(seed)
+    who = [loyalty.c(f"many{seed}-{i}") for i in range(2)]
+    model = Book(RULES)
+    sales: list[tuple[str, str, int]] = []
+    n = 0
+    for batch in range(12):
+        records = []
+        for _ in range(rng.randint(1, 7)):
+            n += 1
+            cid = rng.choice(who)
+            # Out of order now and then: a lot older than the stored ones.
+            at = T0 + dt.timedelta(days=rng.randint(-200, 30) if rng.random() < 0.2 else batch * 10,
+                                   minutes=n)
+            roll = rng.random()
+            if roll < 0.5 or not sales:
+                total = rng.randint(1_00, 400_00)
+                records.append(sale(cid, f"m{seed}-{n}", total, at, redeem=rng.choice((0, 0, 50, 120))))
+                sales.append((cid, f"o-m{seed}-{n}", total))
+            elif roll < 0.8:
+                records.append(sale(cid, f"m{seed}-{n}", rng.randint(0, 50_00), at,
+                                    redeem=rng.choice((30, 200, 900, 5000))))
+            else:
+                owner, order, total = rng.choice(sales)
+                records.append(refund(owner, f"m{seed}-{n}", order, rng.randint(1, total), at))
+        await loyalty.feed(*records)
+        for r in records:
+            cmd = parse(r.value, RULES)
+            model.apply(cmd, max(loyalty.clock.now(), cmd.occurred_at))
+    for cid in who:
+        rows = await loyalty.pool.fetch(
+            "SELECT kind, points, balance_after, event_id FROM ledger WHERE customer_id = $1 "
+            "ORDER BY seq", cid)
+        expected = [(e.kind, e.points, e.balance_after, e.event_id) for e in model.entries
+                    if e.customer_id == cid]
+        assert [tuple(r) for r in rows] == expected
+        acct = await loyalty.account(cid)
+        assert acct["balance"] == model.accounts[cid].balance
+        assert acct["next_expiry_at"] == next_expiry(model.accounts[cid])
+    stored = {r["order_key"]: r["remaining"] for r in await loyalty.pool.fetch(
+        "SELECT order_key, remaining FROM orders WHERE owner = ANY($1)", who)}
+    assert stored == {k: o.remaining for k, o in model.orders.items()}
+    assert {order_key(o) for _, o, _ in sales} < stored.keys()
