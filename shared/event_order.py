@@ -38,9 +38,14 @@ class PartitionState:
 
 
 def event_time(value: Any) -> dt.datetime | None:
-    """Event time of a decoded record of any omnicrm topic (None for tombstones and unknown shapes)."""
+    """Event time of a decoded record of any omnicrm topic (None for tombstones and unknown shapes).
+
+    A service's own decoder may hand over a command object instead of the record's dict (loyalty
+    does): its `occurred_at` is the event time.
+    """
     if not isinstance(value, dict):
-        return None
+        at = getattr(value, "occurred_at", None)
+        return at if isinstance(at, dt.datetime) else None
     nested = value.get("event")
     if isinstance(nested, dict) and isinstance(nested.get("occurred_at"), dt.datetime):
         return nested["occurred_at"]

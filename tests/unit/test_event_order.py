@@ -98,6 +98,10 @@ def test_event_time_of_each_topic_shape():
     assert event_time({"updated_at": at(4)}) == at(4)
     assert event_time(None) is None
 
+    class Command:  # what a service's own decoder may hand over (loyalty's Sale, Return ...)
+        occurred_at = at(5)
+    assert event_time(Command()) == at(5)
+
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 50), max_size=12), min_size=1, max_size=4), st.randoms())
