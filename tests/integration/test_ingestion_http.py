@@ -27,6 +27,7 @@ from shared.avro import AvroCodec, SchemaRegistry
 from shared.config import ApiKey, Settings
 from shared.db import setup_database
 from shared.pii import contains_pii
+from shared.replay import high_watermarks
 from shared.runtime import Runtime
 from shared.topics import DEAD_LETTER, EVENT, INGEST_RAW
 from tests.support.polling import eventually
@@ -61,9 +62,10 @@ async def _skip_existing_raw_records(database: str, broker: str, schema: str, gr
         if not parts:
             await consumer.topics()
             parts = consumer.partitions_for_topic(INGEST_RAW.name) or set()
-        ends = await consumer.end_offsets([TopicPartition(INGEST_RAW.name, p) for p in parts])
     finally:
         await consumer.stop()
+    # Fetch high watermarks: the embedded broker answers ListOffsets(latest) short of the end.
+    ends = await high_watermarks(broker, [TopicPartition(INGEST_RAW.name, p) for p in parts])
     async with pool.acquire() as conn:
         await conn.executemany(
             "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
