@@ -62,10 +62,10 @@ async def _skip_existing_raw_records(database: str, broker: str, schema: str, gr
         if not parts:
             await consumer.topics()
             parts = consumer.partitions_for_topic(INGEST_RAW.name) or set()
+        # Fetch high watermarks: the embedded broker answers ListOffsets(latest) short of the end.
+        ends = await high_watermarks(broker, [TopicPartition(INGEST_RAW.name, p) for p in parts])
     finally:
         await consumer.stop()
-    # Fetch high watermarks: the embedded broker answers ListOffsets(latest) short of the end.
-    ends = await high_watermarks(broker, [TopicPartition(INGEST_RAW.name, p) for p in parts])
     async with pool.acquire() as conn:
         await conn.executemany(
             "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
