@@ -22,6 +22,7 @@ from tests.integration.test_ingestion_http import (
     CODEC,
     MIGRATIONS,
     POS,
+    decoded,
     events_on,
     partitions_of,
     read_topic,
@@ -110,7 +111,7 @@ async def test_raw_topic_end_to_end_with_http_dedupe(broker, database, unique):
         assert good_event["source"] is None and good_event["properties"]["total"] == 12990
 
         async def letters():
-            out = [CODEC.decode(m.value, DEAD_LETTER) for m in await read_topic(broker, "ingest.dlq.v1")]
+            out = [v for _, v in decoded(await read_topic(broker, "ingest.dlq.v1"), DEAD_LETTER)]
             mine = [d for d in out if d["event_id"] == bad["event_id"] or d["raw"] == junk]
             return mine if len(mine) == 2 else None
 

@@ -15,11 +15,11 @@ import pytest
 
 from shared.stack import create_database, drop_database, free_port
 from tests.integration.test_ingestion_http import (
-    CODEC,
     POS,
     POS_KEY,
     ROOT,
     _skip_existing_raw_records,
+    decoded,
     read_topic,
     sale,
 )
@@ -80,8 +80,8 @@ async def test_sigkill_under_load_loses_no_accepted_event(broker, pg_server, uni
 
         prefix = f"kill-{unique}-"
         in_kafka = set()
-        for m in await read_topic(broker, "ingest.sales.v1"):
-            event_id = CODEC.decode(m.value, "omnicrm.ingest.Event")["event_id"]
+        for _, value in decoded(await read_topic(broker, "ingest.sales.v1"), "omnicrm.ingest.Event"):
+            event_id = value["event_id"]
             if event_id.startswith(prefix):
                 in_kafka.add(event_id)
         conn = await asyncpg.connect(dsn)
