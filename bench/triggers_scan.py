@@ -2,7 +2,8 @@
 
 Facts are bulk-loaded with set-based SQL (birthdays over the year, last purchases over 200 days,
 some open carts, category histories and expiring points), then `TriggersHandler.scan` runs at a
-fixed instant, twice (the second fires nothing new); the ceiling beside each size is a PostgreSQL
+fixed instant on two connections (as the leader's timer job does; TRIGGERS_SCAN_CONNECTIONS=n for n),
+twice (the second fires nothing new); the ceiling beside each size is a PostgreSQL
 COPY of as many narrow rows as there are customers, measured in the same run. The handler is then
 fed batches of 1000 resolved sales in one transaction each.
 Run: python -m bench.triggers_scan [N ...] (default 10000 100000 1000000).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from shared.events import for_encoding
 from shared.rules import load_rules
 from shared.topics import IDENTITY_EVENTS, RESOLVED
 
+CONNECTIONS = int(os.environ.get("TRIGGERS_SCAN_CONNECTIONS", "2"))
 MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "triggers" / "migrations"
 AS_OF = dt.datetime(2026, 6, 15, 12, tzinfo=dt.UTC)
 
@@ -64,7 +67,7 @@ FROM generate_series(1, $1, 5) AS g
 async def scan_bench(dsn: str, n: int) -> dict:
     schema = f"trg_bench_{n}"
     # Loading a million customers takes longer than the services' 30 s statement timeout.
-    pool = await setup_database(dsn, schema, MIGRATIONS, max_size=2, statement_timeout_ms=900_000)
+    pool = await setup_database(dsn, schema, MIGRATIONS, max_size=max(2, CONNECTIONS), statement_timeout_ms=900_000)
     cfg = RuleConfig.from_rules(load_rules(environ={}))
     handler = TriggersHandler(codec=AvroCodec(SchemaRegistry.load()), cfg=cfg, clock=FixedClock(AS_OF))
     try:
@@ -75,14 +78,14 @@ async def scan_bench(dsn: str, n: int) -> dict:
             await conn.execute("ANALYZE")
             load = time.perf_counter() - started
             started, cpu = time.perf_counter(), time.process_time()
-            fired = await handler.scan(conn, AS_OF)
+            fired = await handler.scan(conn, AS_OF, pool=pool, connections=CONNECTIONS)
             first, first_cpu = time.perf_counter() - started, time.process_time() - cpu
             started = time.perf_counter()
-            again = await handler.scan(conn, AS_OF)
+            again = await handler.scan(conn, AS_OF, pool=pool, connections=CONNECTIONS)
             second = time.perf_counter() - started
         copy = n / await copy_rate(dsn, [(f"c{i}", i, "x") for i in range(n)], ["id", "n", "note"],
                                    ["text", "bigint", "text"])
-        return {"customers": n, "load_seconds": round(load, 2), "scan_seconds": round(first, 3),
+        return {"customers": n, "connections": CONNECTIONS, "load_seconds": round(load, 2), "scan_seconds": round(first, 3),
                 "scan_python_cpu_seconds": round(first_cpu, 3), "fired": fired,
                 "rescan_seconds": round(second, 3), "rescan_fired": again,
                 "copy_ceiling_seconds": round(copy, 3), "scan_to_copy_ratio": round(first / copy, 1)}

@@ -8,6 +8,7 @@ minutes before a sale is abandoned either way; one left 59 minutes before is con
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
@@ -397,32 +398,57 @@ class TriggersHandler:
 
     # -- time-based scan -------------------------------------------------------------------------
     async def scan(self, conn: asyncpg.Connection, now: dt.datetime, *,
-                   since: dt.datetime | None = None, chunk: int = 100_000) -> int:
+                   since: dt.datetime | None = None, chunk: int = 50_000, pool: asyncpg.Pool | None = None,
+                   connections: int = 2) -> int:
         """Fire the time-based rules due at `now`: set-based SQL picks candidates, the rules decide.
 
         Wall clock: each chunk of candidates is judged by the SQL form of the rules (store.scan_due_sql)
         and fired, marked and put in the outbox in one transaction, so a crash loses or repeats no
         chunk and a repeated scan finds nothing left to fire. Customers the SQL cannot judge exactly,
-        and every event-clock scan, go through the Python rules.
+        and every event-clock scan, go through the Python rules. Given a pool with connections to
+        spare, up to `connections` take chunks as they come free (chunks hold disjoint customers), so
+        the database works on several chunks at once while Python encodes another.
         """
         started = time.perf_counter()
         ids = await store.scan_candidates(conn, now, self.cfg, since)
         zones = None if self.event_clock else await self._sql_zones(conn)
-        fired = 0
-        for part in _chunks(ids, chunk):
-            done = None
-            if zones is not None:
+        # At least four chunks when there are enough candidates, so both connections have work to overlap.
+        parts = _chunks(ids, min(chunk, max(5000, -(-len(ids) // 4))))
+
+        async def work(c: asyncpg.Connection) -> int:
+            fired = 0
+            for part in parts:  # shared: each chunk goes to whichever connection is free first
+                done = None
+                if zones is not None:
+                    try:
+                        async with c.transaction():
+                            done = await self._scan_sql(c, part, now, zones)
+                    except asyncpg.DeadlockDetectedError:
+                        done = None  # with a batch locking the same customers: rolled back, judged again
+                if done is None:  # event clock, or a deadlock above: the Python rules, under row locks
+                    done = 0
+                    for sub in _chunks(part, 5000):
+                        async with c.transaction():
+                            done += await self._scan_rules(c, sub, now)
+                fired += done
+            return fired
+
+        others: list[asyncpg.Connection] = []
+        try:
+            while pool is not None and len(others) < connections - 1 and len(ids) > min(chunk, 5000):
                 try:
-                    async with conn.transaction():
-                        done = await self._scan_sql(conn, part, now, zones)
-                except asyncpg.DeadlockDetectedError:
-                    done = None  # with a batch locking the same customers: rolled back, judged again
-            if done is None:  # event clock, or a deadlock above: the Python rules, under row locks
-                done = 0
-                for sub in _chunks(part, 5000):
-                    async with conn.transaction():
-                        done += await self._scan_rules(conn, sub, now)
-            fired += done
+                    others.append(await pool.acquire(timeout=0.05))
+                except TimeoutError:
+                    break  # no connection to spare: with those there are
+            # All run to their end before the spare connections go back, even when one fails.
+            results = await asyncio.gather(*(work(c) for c in (conn, *others)), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            fired = sum(results)
+        finally:
+            for c in others:
+                await pool.release(c)
         async with conn.transaction():
             invites: list[Trigger] = []
             for e in await store.pending_store_events(conn, now):
@@ -518,7 +544,7 @@ class TriggersHandler:
             # With the event clock, candidates are whatever fell due since the previous scan (from the
             # start of time on the first); in wall time, what is due now within its lateness.
             chain = (since or EPOCH) if self.event_clock else None
-            fired = await self.scan(conn, as_of, since=chain)
+            fired = await self.scan(conn, as_of, since=chain, pool=pool)
             await store.save_scan(conn, as_of)
             return fired
 
@@ -599,6 +625,19 @@ def _avro_str(s: str) -> bytes:
     return _avro_long(len(b)) + b
 
 
+_LONGS: dict[int, bytes] = {}  # instants many triggers of a scan share (fired_at, local midnights)
+
+
+def _avro_long_repeated(n: int) -> bytes:
+    b = _LONGS.get(n)
+    if b is None:
+        b = _avro_long(n)
+        if len(_LONGS) >= 100_000:
+            _LONGS.clear()  # the instants of earlier scans: start again rather than stop caching
+        _LONGS[n] = b
+    return b
+
+
 _REPEATED: dict[str, bytes] = {}  # context keys and the values many triggers share (dates, counts, zones)
 
 
@@ -606,8 +645,9 @@ def _avro_str_repeated(s: str) -> bytes:
     b = _REPEATED.get(s)
     if b is None:
         b = _avro_str(s)
-        if len(_REPEATED) < 100_000:
-            _REPEATED[s] = b
+        if len(_REPEATED) >= 100_000:
+            _REPEATED.clear()  # mostly the dates of earlier scans: start again rather than stop caching
+        _REPEATED[s] = b
     return b
 
 
@@ -622,6 +662,7 @@ class _TriggerEncoder:
         self.codec = codec
         self.header = codec.registry.latest(TRIGGER).header
         self.fast = True
+        self._tails: dict[tuple, bytes] = {}
         sample = R.make_trigger("win_back", "c\u00e9-1", "2026-01-01T00:00:00+00:00", EPOCH + dt.timedelta(days=20000),
                                 context={"a": "x", "days": 120}, occurred_at=EPOCH - dt.timedelta(milliseconds=1500),
                                 offer=R.Offer("BACK-1", "d\u00e9", 2000, 0, "USD", EPOCH + dt.timedelta(days=9)))
@@ -644,7 +685,7 @@ class _TriggerEncoder:
                 "offer": None if offer is None else dict(zip(
                     ("code", "description", "amount", "min_spend", "currency", "expires_at"), offer, strict=True))})
         rep = _avro_str_repeated
-        parts = [self.header, _avro_str(tid), rep(kind), _avro_str(customer_id), _avro_long(fired_ms),
+        parts = [self.header, _avro_str(tid), rep(kind), _avro_str(customer_id), _avro_long_repeated(fired_ms),
                  _avro_str(period)]
         if pairs:
             parts.append(_avro_long(len(pairs)))
@@ -655,11 +696,18 @@ class _TriggerEncoder:
         if offer is None:
             parts.append(b"\x00")
         else:
-            code, description, amount, min_spend, currency, expires_ms = offer
-            parts += [b"\x02", _avro_str(code), rep(description), _avro_long(amount), _avro_long(min_spend),
-                      rep(currency), _avro_long(expires_ms)]
+            code, rest = offer[0], tuple(offer[1:])
+            tail = self._tails.get(rest)
+            if tail is None:  # what all offers of a kind share in a scan: description, amounts, currency, end
+                description, amount, min_spend, currency, expires_ms = rest
+                tail = rep(description) + _avro_long(amount) + _avro_long(min_spend) + rep(currency) \
+                    + _avro_long(expires_ms)
+                if len(self._tails) >= 10_000:
+                    self._tails.clear()
+                self._tails[rest] = tail
+            parts += [b"\x02", _avro_str(code), tail]
         parts.append(b"\x00\x02")  # cause_event_id null, occurred_at present
-        parts.append(_avro_long(occurred_ms))
+        parts.append(_avro_long_repeated(occurred_ms))
         return b"".join(parts)
 
 

@@ -415,9 +415,11 @@ async def scan_candidates(conn: asyncpg.Connection, as_of: dt.datetime, cfg: Rul
     december = as_of.astimezone(UTC).month == 12
     rows = await conn.fetch(
         """
-        SELECT customer_id FROM customer_facts
-        WHERE (birthday_month, birthday_day) IN (SELECT * FROM unnest($1::smallint[], $2::smallint[]))
-          AND (birthday_fired_for IS NULL
+        SELECT customer_id
+        FROM (SELECT DISTINCT m, d FROM unnest($1::smallint[], $2::smallint[]) AS w(m, d)) w
+        CROSS JOIN LATERAL (SELECT customer_id, birthday_month, birthday_fired_for FROM customer_facts
+                            WHERE birthday_month = w.m AND birthday_day = w.d) f  -- a plain join: parallel or indexed
+        WHERE (birthday_fired_for IS NULL
                OR birthday_fired_for < $3 + CASE WHEN birthday_month = 1 AND $4 THEN 1 ELSE 0 END)
         UNION
         SELECT customer_id FROM customer_facts
@@ -534,13 +536,17 @@ WITH f AS MATERIALIZED (
     CROSS JOIN LATERAL (SELECT coalesce(nullif(f.timezone, ''), nullif(s.timezone, '')) AS n) nn
     LEFT JOIN unnest($3::text[]) AS ok(name) ON ok.name = nn.n
     CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN ok.name IS NOT NULL THEN nn.n END AS tz) z
-    WHERE f.customer_id IN (SELECT unnest($1::text[]))
+    WHERE f.customer_id = ANY($1::text[])  -- a hashed array or index scan in key order, not probes
 ),
+-- The chunk's bounds: candidates come sorted, so a chunk's children are one index range of each table
+-- rather than the whole table (min and max in the column's own collation: exact whatever the order).
+lo AS MATERIALIZED (SELECT min(u) AS lo, max(u) AS hi FROM unnest($1::text[]) AS u),
 cat AS MATERIALIZED (
     SELECT c.customer_id, c.category, c.quantity, cardinality(c.purchases) AS n, c.remind_at,
            c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today,
            (SELECT u.d FROM unnest($13::text[], $14::int[]) AS u(name, d) WHERE u.name = c.category) AS cfg_days
     FROM category_facts c JOIN f USING (customer_id)
+    WHERE c.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
 ),
 top AS MATERIALIZED (  -- CustomerFacts.most_bought_category
     SELECT DISTINCT ON (c.customer_id) c.customer_id, c.category
@@ -587,7 +593,7 @@ due AS (
                  k.category, k.sku, floor(extract(epoch FROM $2 - k.last_activity_at) / 60)::bigint::text],
            NULL, NULL
     FROM carts k JOIN f USING (customer_id)
-    WHERE f.tz IS NOT NULL AND k.status = 'open'
+    WHERE k.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo) AND f.tz IS NOT NULL AND k.status = 'open'
       AND k.last_activity_at + $7::interval <= $2 AND k.last_activity_at + $7::interval + $8::interval >= $2
     UNION ALL
     -- replenishment with the category's configured cycle (fewer purchases than min_purchases)
@@ -615,7 +621,8 @@ due AS (
                  sum(l.points) AS points, min(l.expires_at) AS first, max(l.balance) AS balance
           FROM (SELECT l.customer_id, l.points, l.expires_at, f.tz, f.points_fired_for,
                        sum(l.points) OVER (PARTITION BY l.customer_id) AS balance  -- CustomerFacts.points_open
-                FROM point_lots l JOIN f USING (customer_id) WHERE f.tz IS NOT NULL) l
+                FROM point_lots l JOIN f USING (customer_id)
+                WHERE l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo) AND f.tz IS NOT NULL) l
           WHERE l.points > 0 AND l.expires_at > $2
           GROUP BY l.customer_id, l.tz, l.points_fired_for, 4) p
     WHERE (p.points_fired_for IS NULL OR p.points_fired_for COLLATE "C" < p.month COLLATE "C")
@@ -653,12 +660,12 @@ WITH ins AS (
            END
     FROM scan_due d JOIN scan_enc e USING (rn)
     ON CONFLICT (trigger_id) DO NOTHING
-    RETURNING trigger_id, kind
+    RETURNING trigger_id, kind, customer_id
 ), sent AS (
     INSERT INTO outbox (topic, key, value)
-    SELECT $10::text, convert_to(d.customer_id, 'UTF8'), e.value
-    FROM scan_due d JOIN scan_enc e USING (rn) JOIN ins ON ins.trigger_id = e.trigger_id
-    ORDER BY d.rn
+    SELECT $10::text, convert_to(ins.customer_id, 'UTF8'), e.value
+    FROM scan_enc e JOIN ins USING (trigger_id)
+    ORDER BY e.rn
 )
 SELECT kind, count(*) AS n FROM ins GROUP BY kind
 """
@@ -717,7 +724,8 @@ async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.d
     """
     # Interval days are 24 hours, as in Python; no JIT: it compiles for seconds what runs in milliseconds.
     # A chunk is a known heavy batch statement: it may take longer than the services' query timeout.
-    await conn.execute("SET LOCAL TimeZone = 'UTC'; SET LOCAL jit = off; SET LOCAL statement_timeout = '10min'")
+    await conn.execute("SET LOCAL TimeZone = 'UTC'; SET LOCAL jit = off; SET LOCAL statement_timeout = '10min'; "
+                       "SET LOCAL work_mem = '64MB'")
     await conn.execute(_SCAN_TABLES)
     cycles = sorted(cfg.replenishment_cycles.items())
     months, days = birthday_window(as_of, as_of - cfg.lateness("birthday_coupon"), cfg.birthday_days_before)
