@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.avro import HEADER_LEN, AvroCodec
+from shared.avro_wire import read_long as _read_long
+from shared.avro_wire import read_string as _read_string
 from shared.errors import SchemaError
 from shared.topics import EVENT, Topic
 
@@ -49,23 +51,6 @@ def _timestamp(ms: int, _epoch: dt.datetime = EPOCH, _delta: type[dt.timedelta] 
     return _epoch + _delta(0, ms // 1000, (ms % 1000) * 1000)  # exact, and cheaper than milliseconds=
 
 
-def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
-    b = buf[pos]
-    pos += 1
-    n = b & 0x7F
-    shift = 7
-    while b & 0x80:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-    return (n >> 1) ^ -(n & 1), pos
-
-
-def _read_string(buf: bytes, pos: int) -> tuple[str, int]:
-    n, pos = _read_long(buf, pos)
-    end = pos + n
-    return buf[pos:end].decode(), end
 
 
 def _optional_string(buf: bytes, pos: int) -> tuple[str | None, int]:

@@ -11,6 +11,8 @@ from typing import Any
 
 from services.loyalty.ledger import Enrol, Erase, Notice, Return, Sale
 from shared.avro import HEADER_LEN, AvroCodec
+from shared.avro_wire import read_long as _long_at
+from shared.avro_wire import read_string as _string_at
 from shared.errors import SchemaError
 from shared.topics import LOYALTY, RESOLVED, Topic
 
@@ -171,27 +173,6 @@ def _lean_layout(schema: dict) -> tuple[int, int, int] | None:
         return None
 
 
-def _long_at(buf: bytes, pos: int) -> tuple[int, int]:
-    b = buf[pos]
-    pos += 1
-    if b < 0x80:
-        return (b >> 1) ^ -(b & 1), pos
-    n = b & 0x7F
-    shift = 7
-    while b & 0x80:
-        b = buf[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-    return (n >> 1) ^ -(n & 1), pos
-
-
-def _string_at(buf: bytes, pos: int) -> tuple[str, int]:
-    n, pos = _long_at(buf, pos)
-    end = pos + n
-    if n < 0 or end > len(buf):
-        raise IndexError("string past the end")
-    return buf[pos:end].decode(), end
 
 
 def _skip_string(buf: bytes, pos: int) -> int:
