@@ -178,17 +178,13 @@ async def events_on(broker: str, topic: str, ids: set[str]) -> list[tuple[str, d
 
 
 async def partitions_of(broker: str, topic: str, ids: set[str]) -> dict[str, int]:
-    return {CODEC.decode(m.value, EVENT)["event_id"]: m.partition for m in await read_topic(broker, topic)
-            if m.value is not None and CODEC.decode(m.value, EVENT)["event_id"] in ids}
+    return {v["event_id"]: m.partition for m, v in decoded(await read_topic(broker, topic), EVENT)
+            if v["event_id"] in ids}
 
 
 async def dead_letters(broker: str, ids: set[str]) -> list[dict]:
-    out = []
-    for m in await read_topic(broker, "ingest.dlq.v1"):
-        letter = CODEC.decode(m.value, DEAD_LETTER)
-        if letter["event_id"] in ids:
-            out.append(letter)
-    return out
+    return [letter for _, letter in decoded(await read_topic(broker, "ingest.dlq.v1"), DEAD_LETTER)
+            if letter["event_id"] in ids]
 
 
 async def wait_for_events(broker: str, topic: str, ids: set[str], timeout: float = 15) -> list:
