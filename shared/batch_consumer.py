@@ -255,6 +255,8 @@ class BatchConsumer:
         started = time.perf_counter()
         order, topics, decoder = self._order, self.topics, self.decoder
         assert order is not None
+        # Operational time, not business time: compared with aiokafka's last_poll_timestamp, which
+        # is wall-clock milliseconds of the fetch answer (the event clock plays no part here).
         arrived_ms = int(time.time() * 1000)
         for m in messages:
             rec = Record(m.topic, m.partition, m.offset, m.key, None, m.value, m.timestamp)
