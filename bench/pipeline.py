@@ -2,8 +2,9 @@
 
 1. sustained: N sales of new customers published over HTTP as fast as ingestion takes them; the rate
    is N over the time until the last service (notifications) has decided on every welcome trigger;
-2. latency: a steady 1,000 events/s for a while; occurred_at -> notification decision, p50/p95/p99,
-   read from the `notifications.outcomes.v1` records themselves;
+2. latency: once the burst is fully done (no lag, no unsent outbox row, no due notification left),
+   a steady 1,000 events/s for a while; occurred_at -> notification decision, p50/p95/p99, read
+   from the `notifications.outcomes.v1` records themselves;
 3. peak RSS of every service process during the run.
 Ceilings (plain aiokafka, COPY) are in bench.ceilings of the same `make bench` run.
 Run: python -m bench.pipeline [N] [seconds_at_1000_per_s].
@@ -12,13 +13,16 @@ Run: python -m bench.pipeline [N] [seconds_at_1000_per_s].
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import re
 import statistics
 import sys
 import time
 import uuid
 
+import asyncpg
 import httpx
 import psutil
 from aiokafka import AIOKafkaConsumer
@@ -27,7 +31,8 @@ from bench.environment import ROOT, bench_environment, save
 from shared.avro import AvroCodec, SchemaRegistry
 from shared.kafka import ensure_topics
 from shared.topics import NOTIFICATION_OUTCOMES, OUTCOME
-from tests.support.pipeline import INGEST_KEY, Pipeline, auth
+from tests.support.pipeline import INGEST_KEY, SERVICES, Pipeline, auth
+from tests.support.polling import eventually
 
 UTC = dt.UTC
 
@@ -85,6 +90,67 @@ async def wait_for(outcomes: Outcomes, count: int, timeout: float) -> float:
     return time.perf_counter()
 
 
+async def quiet(p: Pipeline) -> bool:
+    """No consumer lag, no unsent outbox row and no notification due but unsent: nothing left over."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        for name in SERVICES:
+            for line in (await http.get(f"{p.url(name)}/metrics")).text.splitlines():
+                if line.startswith(f"omnicrm_{name}_consumer_lag{{") and float(line.rsplit(" ", 1)[1]) > 0:
+                    return False
+    conn = await asyncpg.connect(p.dsn)
+    try:
+        for schema in SERVICES:
+            if await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL"):
+                return False
+        return not await conn.fetchval("SELECT count(*) FROM notifications.notifications "
+                                       "WHERE status IN ('pending', 'deferred') AND due_at <= now()")
+    finally:
+        await conn.close()
+
+
+def cpu_seconds(p: Pipeline) -> dict[str, float]:
+    """CPU time so far of each service process, the broker and PostgreSQL (all its backends)."""
+    out: dict[str, float] = {}
+    for name, proc in p.procs.items():
+        try:
+            t = psutil.Process(proc.pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            pass
+    # a PostgreSQL backend's title names its client's port; the service holding that port owns its CPU
+    owner: dict[int, str] = {}
+    for name, proc in p.procs.items():
+        with contextlib.suppress(psutil.Error):
+            for c in psutil.Process(proc.pid).net_connections(kind="tcp"):
+                if c.raddr and c.laddr:
+                    owner[c.laddr.port] = name
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        name = proc.info["name"] or ""
+        t = proc.info["cpu_times"]
+        if t is None:
+            continue
+        if name.startswith("postgres"):
+            title = " ".join(proc.info["cmdline"] or [])
+            port = re.search(r"\((\d+)\)", title)
+            who = owner.get(int(port.group(1))) if port else None
+            key = f"postgres.{who}" if who else "postgres.other"
+            out[key] = out.get(key, 0.0) + t.user + t.system
+            out["postgres"] = out.get("postgres", 0.0) + t.user + t.system
+        elif "tansu" in name or any("tansu" in part for part in (proc.info["cmdline"] or [])[:1]):
+            out["broker"] = out.get("broker", 0.0) + t.user + t.system
+    busy = psutil.cpu_times()
+    out["machine_busy"] = busy.user + busy.system + busy.nice + getattr(busy, "irq", 0) + getattr(busy, "softirq", 0)
+    return out
+
+
+def cpu_per_event(before: dict[str, float], after: dict[str, float], events: int, seconds: float) -> dict:
+    """µs of CPU per event per process over a phase, and how busy the machine's cores were."""
+    us = {k: round((after[k] - before.get(k, 0.0)) * 1e6 / events) for k in after if k != "machine_busy"}
+    cores = psutil.cpu_count() or 1
+    return {"cpu_us_per_event": us,
+            "machine_cpu_busy": round((after["machine_busy"] - before["machine_busy"]) / (seconds * cores), 2)}
+
+
 def sample_rss(p: Pipeline, peaks: dict[str, int]) -> None:
     for name, proc in p.procs.items():
         try:
@@ -106,6 +172,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
         base = len(outcomes.decided)
 
         tag = uuid.uuid4().hex[:6]
+        cpu_before = cpu_seconds(p)
         started = time.perf_counter()
         for lo in range(0, n, 1000):
             now = dt.datetime.now(UTC)
@@ -118,11 +185,15 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
             if time.perf_counter() - started > 900:
                 raise TimeoutError(f"{len(outcomes.decided) - base} of {n} decided in 900 s")
         drained_s = time.perf_counter() - started
+        sustained_cpu = cpu_per_event(cpu_before, cpu_seconds(p), n, drained_s)
+        # the steady phase starts from a quiet pipeline: the burst's sends and relays are done
+        await eventually(lambda: quiet(p), timeout=600, interval=0.5, message="pipeline quiet after the burst")
 
         # steady 1,000 events/s: 100 every 0.1 s
         base = len(outcomes.decided)
         tag = uuid.uuid4().hex[:6]
         steady_ids = []
+        cpu_before = cpu_seconds(p)
         tick_start = time.perf_counter()
         i = 0
         while time.perf_counter() - tick_start < steady_seconds:
@@ -136,15 +207,17 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
             await asyncio.sleep(max(0.0, next_tick - time.perf_counter()))
         achieved = i / (time.perf_counter() - tick_start)
         await wait_for(outcomes, base + i, 300)
+        steady_cpu = cpu_per_event(cpu_before, cpu_seconds(p), i, time.perf_counter() - tick_start)
     outcomes.task.cancel()
     latencies = sorted(list(outcomes.decided.values())[base:base + i])
     q = statistics.quantiles(latencies, n=100)
     return {
         "sustained": {"events": n, "http_accept_per_s": round(n / accepted_s),
-                      "end_to_end_per_s": round(n / drained_s), "seconds_to_drain": round(drained_s, 1)},
+                      "end_to_end_per_s": round(n / drained_s), "seconds_to_drain": round(drained_s, 1),
+                      **sustained_cpu},
         "steady_1000_per_s": {"seconds": steady_seconds, "achieved_per_s": round(achieved),
                               "latency_p50_s": round(q[49], 3), "latency_p95_s": round(q[94], 3),
-                              "latency_p99_s": round(q[98], 3), "decisions": len(latencies)},
+                              "latency_p99_s": round(q[98], 3), "decisions": len(latencies), **steady_cpu},
         "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
     }
 
