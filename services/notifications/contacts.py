@@ -6,10 +6,16 @@ decision still stops the message. At rest every contact point is sealed (AES-256
 shared/crypto.py) under a context naming the customer and the kind of value, so a blob moved to
 another row or column does not open. A Contact read back from the table holds `Sealed` values:
 the policy only needs to know an address exists; the dispatcher opens it when it sends.
+
+Under the event clock every applied profile is also kept as a version valid from its `updated_at`
+(contact_versions), so a trigger is decided on the profile as it stood at its fired_at. A version
+holds no contact point at all, only which channels had one (`reachable`): that is all a decision
+needs, and the send still goes to the address in `contacts`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +67,10 @@ class Contact:
     preferred_channel: str | None = None
     consents: Mapping[str, str] = field(default_factory=dict)
     version: int = 0
+    # Event time the profile took effect (identity's updated_at); set on versions.
+    valid_from: dt.datetime | None = None
+    # A version: the channels that had a contact point (the points themselves are not kept).
+    reachable: frozenset[str] | None = None
 
     def consented(self, channel: str) -> bool:
         """Marketing consent recorded and opted in; no record means no."""
@@ -68,7 +78,13 @@ class Contact:
 
     def has_address(self, channel: str) -> bool:
         """The channel can reach the customer (decided without opening anything)."""
+        if self.reachable is not None:
+            return channel in self.reachable
         return bool(self.address(channel))
+
+    def channels_reachable(self) -> frozenset[str]:
+        """Channels with a contact point: what a version keeps instead of the points."""
+        return frozenset(c for c in CHANNELS if self.has_address(c))
 
     def address(self, channel: str) -> Address | None:
         """The contact point a channel sends to (WhatsApp falls back to the phone number)."""
@@ -98,6 +114,23 @@ def contact_from_profile(profile: Mapping[str, Any]) -> Contact:
         preferred_channel=profile.get("preferred_channel"),
         consents=dict(profile.get("consents") or {}),
         version=int(profile.get("version") or 0),
+        valid_from=profile.get("updated_at"),
+    )
+
+
+def version_from_row(row: Mapping[str, Any]) -> Contact:
+    """A version (a `contact_versions` row): no contact points, which channels had one."""
+    return Contact(
+        customer_id=row["customer_id"],
+        first_name=row["first_name"],
+        locale=row["locale"],
+        timezone=row["timezone"],
+        home_store_id=row["home_store_id"],
+        preferred_channel=row["preferred_channel"],
+        consents=dict(row["consents"] or {}),
+        version=int(row["version"] or 0),
+        valid_from=row["valid_from"],
+        reachable=frozenset(row["reachable"] or ()),
     )
 
 

@@ -7,6 +7,14 @@ A trigger can overtake its customer's profile (it is two hops after identity, th
 Such a trigger is held (`pending` / `awaiting_profile`, no channel, keyed by
 notification_id(trigger_id, None)) and decided for real when the profile is applied; its real
 decision replaces the held row, so the customer's list shows one current decision per trigger.
+
+Under the event clock (replays) each trigger is decided as of its fired_at on the profile version in
+force then (contact_versions, policy.version_at), whatever has arrived since: a consent given ten
+seconds after the signup does not count for the welcome fired at the signup, whether its profile
+reached this service before the welcome or after. A trigger is held only while its customer has no
+version at all, and is released when the first one arrives, decided the same way; whether the hold
+ran out is judged on event times alone (the first version's valid_from against the hold's end,
+policy.EVENT_HORIZON after fired_at; the dispatcher's sweep ends it at the same event time).
 """
 
 from __future__ import annotations
@@ -62,7 +70,9 @@ class NotificationHandler:
 
     async def __call__(self, conn: asyncpg.Connection, records: list[Record]) -> None:
         messages = []
-        for segment in in_order_segments(records):
+        # Event clock: versions make the order of profiles and triggers inside the batch irrelevant;
+        # only a tombstone (no event time: it takes effect where it arrives) still splits it.
+        for segment in in_order_segments(records, only_tombstones=self.as_of_fired_at):
             messages += await self._apply(conn, segment)
         await add_to_outbox(conn, messages)
         if self.save_watermark is not None:
@@ -71,6 +81,7 @@ class NotificationHandler:
     async def _apply(self, conn: asyncpg.Connection, records: list[Record]) -> list:
         """Profiles, merges and stores of the segment first, then its triggers are decided."""
         profiles: dict[str, dict | None] = {}
+        versions: dict[str, list[dict]] = {}  # live profiles since the customer's last tombstone
         stores: dict[str, str] = {}
         merged: list[tuple[str, str]] = []
         unmerged: list[str] = []
@@ -81,6 +92,13 @@ class NotificationHandler:
                 cid = r.value["customer_id"] if r.value else (r.key or b"").decode()
                 if cid:
                     profiles[cid] = r.value  # the latest in the batch wins
+                    if r.value and not r.value.get("erased"):
+                        if self.as_of_fired_at:  # each one is a version
+                            versions.setdefault(cid, []).append(r.value)
+                        else:
+                            versions[cid] = [r.value]
+                    else:
+                        versions.pop(cid, None)
             elif r.topic == IDENTITY_MERGES.name:
                 if r.value["kind"] == "merged":
                     merged.append((r.value["merged"], r.value["survivor"]))
@@ -103,41 +121,46 @@ class NotificationHandler:
 
         await store.upsert_stores(conn, sorted(stores.items()))
         await store.apply_merges(conn, merged, unmerged)
-        live = [contact_from_profile(v) for v in profiles.values() if v and not v.get("erased")]
+        applied = {cid: [contact_from_profile(v) for v in vs] for cid, vs in versions.items()}
+        live = [cs[-1] for cs in applied.values()]
         gone = [cid for cid, v in profiles.items() if v is None or v.get("erased")]
         await store.upsert_contacts(conn, live, self.vault)
         now = self.clock.now()
+        if self.as_of_fired_at:
+            await store.add_versions(conn, [c for cs in applied.values() for c in cs], now)
         messages = []
         for row in await store.forget(conn, gone, now):
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
                                             occurred_at=now))
             self.metrics.status(row["channel"], SUPPRESSED, "erased")
-        for t in triggers:
-            self.clock.observe(t.fired_at)
-        profile_times = {c: v.get("updated_at") for c, v in profiles.items() if v and not v.get("erased")}
-        released, expired = await self._release(conn, profile_times)
+        released, expired = await self._release(conn, list(applied))
         messages += expired
         if triggers or released:
             messages += await self._decide(conn, triggers, raw, released)
+        # Only now: the dispatcher's sweep of holds that ran out (same clock) must not see this
+        # batch's time before the holds this batch's profiles release are locked and decided.
+        for t in triggers:
+            self.clock.observe(t.fired_at)
         return messages
 
     async def _release(self, conn: asyncpg.Connection,
-                       profile_times: dict[str, dt.datetime | None]) -> tuple[list[Trigger], list]:
+                       customers: list[str]) -> tuple[list[Trigger], list]:
         """Held triggers of customers whose profile was just applied: to decide now, or too late.
 
-        Decided as of now (the profile's application; under the event clock, the profile's own
-        time); a hold whose grace period is already over ends no_contact here exactly as the
-        dispatcher's sweep would have ended it.
+        Wall clock: a hold whose grace period is already over ends no_contact here exactly as the
+        dispatcher's sweep would have ended it. Event clock: all are decided, on the versions
+        (policy.version_at judges a first version that came after the hold's end as its end, on
+        event times alone).
         """
-        held = await store.held_for(conn, list(profile_times))
+        held = await store.held_for(conn, customers)
         if not held:
             return [], []
         now = self.clock.now()
 
-        def as_of(row) -> dt.datetime:
-            return (profile_times.get(row["customer_id"]) or now) if self.as_of_fired_at else now
+        def expired(row) -> bool:
+            return not self.as_of_fired_at and hold_expired(row["due_at"], now)
 
-        late = [str(r["notification_id"]) for r in held if hold_expired(r["due_at"], as_of(r))]
+        late = [str(r["notification_id"]) for r in held if expired(r)]
         messages = []
         for row in await store.expire_held(conn, now, late):
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason=NO_CONTACT,
@@ -145,7 +168,7 @@ class NotificationHandler:
             self.metrics.status(None, SUPPRESSED, NO_CONTACT)
         triggers, taken = [], []
         for r in held:
-            if hold_expired(r["due_at"], as_of(r)):
+            if expired(r):
                 continue
             try:
                 triggers.append(Trigger.from_record(self.codec.decode(bytes(r["held_trigger"]), TRIGGER)))
@@ -161,7 +184,8 @@ class NotificationHandler:
         now = self.clock.now()
         everything = released + triggers
         inputs = await store.decision_inputs(conn, [t.customer_id for t in everything],
-                                             [t.trigger_id for t in triggers])
+                                             [t.trigger_id for t in triggers],
+                                             versioned=self.as_of_fired_at)
         # Released triggers were seen (their held row, dropped above), and are decided now.
         inputs["seen"] -= {t.trigger_id for t in released}
         decisions = decide_all(everything, now=now, rules=self.rules, as_of_fired_at=self.as_of_fired_at,
@@ -175,12 +199,12 @@ class NotificationHandler:
             if d.held:
                 rows.append(store.decision_row(
                     d, subject=None, body=None, locale=None, params={}, decided_at=at,
-                    due_at=hold_deadline(d.trigger, at, self.rules),
+                    due_at=hold_deadline(d.trigger, at, self.rules, self.as_of_fired_at),
                     held_trigger=raw.get(d.trigger.trigger_id)))
                 continue
             if d.status != SUPPRESSED:
-                rendered = self.templates.render(d.trigger, inputs["contacts"].get(d.trigger.customer_id),
-                                                 d.timezone)
+                contact = d.contact or inputs["contacts"].get(d.trigger.customer_id)
+                rendered = self.templates.render(d.trigger, contact, d.timezone)
                 subject, body, locale, params = (rendered.subject, rendered.body, rendered.locale,
                                                  dict(rendered.params))
             rows.append(store.decision_row(d, subject=subject, body=body, locale=locale,
@@ -199,20 +223,23 @@ class NotificationHandler:
         return messages
 
 
-def in_order_segments(records: list[Record]) -> list[list[Record]]:
+def in_order_segments(records: list[Record], *, only_tombstones: bool = False) -> list[list[Record]]:
     """Split a batch where a customer's profile arrives after one of their triggers.
 
     Within a segment profiles are applied before triggers are decided, so a trigger must not
     share a segment with a later profile of its customer: it was fired on the earlier state (a
     thank-you fired before the consent arrived is decided without that consent). Such splits are
-    rare, so a batch stays a handful of statements.
+    rare, so a batch stays a handful of statements. `only_tombstones` (event clock, where profile
+    versions are chosen by time): split only for a tombstone or erased profile, which has no time
+    and must act where it arrived, as it would have if the batch had been cut there.
     """
     segments: list[list[Record]] = [[]]
     triggered: set[str] = set()
     for r in records:
         if r.topic == IDENTITY_PROFILES.name:
             cid = r.value["customer_id"] if r.value else (r.key or b"").decode()
-            if cid in triggered:
+            gone = r.value is None or bool(r.value.get("erased"))
+            if cid in triggered and (gone or not only_tombstones):
                 segments.append([])
                 triggered = set()
         elif r.topic == TRIGGERS_FIRED.name:

@@ -6,9 +6,10 @@ Decision comes out. The same inputs always give the same decision (CONTRACTS §5
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -163,6 +164,8 @@ class PriorNotice:
     cap_date: dt.date | None
     status: str
     reason: str | None = None
+    at: dt.datetime | None = None  # when it was decided (under the event clock: its fired_at)
+    channel: str | None = None     # the channel it was decided for (None: suppressed or held)
 
     @property
     def counts(self) -> bool:
@@ -172,6 +175,15 @@ class PriorNotice:
         when it is decided, its real decision joins the history instead.
         """
         return self.status in ACTIVE and not is_held(self.status, self.reason)
+
+    @property
+    def counts_as_decided(self) -> bool:
+        """Event clock: it was decided to be sent (a channel chosen), whatever delivery did since.
+
+        What the dispatcher did later (an opt-out at send time, a failed provider) runs on its own
+        timer; counting the decision keeps the next decision a function of event times only.
+        """
+        return self.channel is not None
 
 
 def is_held(status: str, reason: str | None) -> bool:
@@ -192,6 +204,8 @@ class Decision:
     cap_date: dt.date | None
     timezone: str
     promotional: bool
+    # The customer as the decision saw them (the version in force, under the event clock).
+    contact: Contact | None = field(default=None, compare=False, repr=False)
 
     @property
     def notification_id(self) -> str:
@@ -202,9 +216,50 @@ class Decision:
         return is_held(self.status, self.reason)
 
 
-def hold_deadline(trigger: Trigger, now: dt.datetime, rules: NotificationRules) -> dt.datetime:
-    """Until when a trigger waits for its customer's profile before it ends no_contact."""
+def hold_deadline(trigger: Trigger, now: dt.datetime, rules: NotificationRules,
+                  event_time: bool = False) -> dt.datetime:
+    """Until when a trigger waits for its customer's profile before it ends no_contact.
+
+    `event_time` (the event clock): EVENT_HORIZON after its fired_at, the same bound version_at
+    judges a first version by, so the sweep and a late profile end it alike.
+    """
+    if event_time:
+        return trigger.fired_at + EVENT_HORIZON
     return max(now, trigger.fired_at) + dt.timedelta(seconds=rules.profile_grace_seconds)
+
+
+# Event clock: how long, in event time, a trigger waits for its customer's first profile version,
+# and how long a superseded version is kept. Under the event clock the wait is not for a profile
+# still on the network (the wall clock's `profile_grace_seconds`) but for identity to have published
+# the customer at all, and identity folds all of a customer's changes in one of its batches into one
+# profile, valid from the batch's last change: in a replay, days of event time after a trigger of
+# that batch. Far longer than that, and than any lag of a trigger's fired_at behind the clock.
+EVENT_HORIZON = dt.timedelta(days=35)
+
+
+def version_at(versions: Sequence[Contact], at: dt.datetime,
+               within: dt.timedelta = EVENT_HORIZON) -> tuple[Contact | None, bool]:
+    """The customer's profile as it stood at `at`, from its versions sorted by (valid_from, version).
+
+    The version in force (the last one valid from `at` or earlier). If the customer had none yet,
+    the first one, when it came within `within` after `at`: it is what the customer first became
+    known as (identity may publish a new customer only once the changes of its whole batch are
+    folded in). Returns (version, late): (None, True) when the first version came later than that
+    (the hold's end: no_contact), (None, False) when there is none at all (hold). Versions of one
+    customer arrive in order (one partition, identity's updated_at never goes back), so no version
+    older than those known turns up later: the answer does not depend on whether the trigger or
+    any version after it arrived first.
+    """
+    if not versions:
+        return None, False
+    keys = [v.valid_from for v in versions]
+    i = bisect.bisect_right(keys, at)  # type: ignore[arg-type]
+    if i:
+        return versions[i - 1], False
+    first = versions[0]
+    if first.valid_from is not None and first.valid_from < at + within:
+        return first, False
+    return None, True
 
 
 def hold_expired(deadline: dt.datetime | None, now: dt.datetime) -> bool:
@@ -292,12 +347,19 @@ def choose_channels(contact: Contact, rules: NotificationRules) -> tuple[tuple[s
 
 def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
            history: Iterable[PriorNotice], now: dt.datetime, rules: NotificationRules,
-           store_timezones: Mapping[str, str] | None = None) -> Decision:
-    """The decision for one trigger given the customer and their notifications so far."""
+           store_timezones: Mapping[str, str] | None = None, late: bool = False,
+           counts: Callable[[PriorNotice], bool] | None = None) -> Decision:
+    """The decision for one trigger given the customer and their notifications so far.
+
+    `late`: the customer's profile came only after the grace period (event time): no_contact, as
+    the end of a hold. `counts`: which notices of `history` count for caps and duplicates
+    (default: those that reached, or may still reach, the customer).
+    """
     store_timezones = store_timezones or {}
     promotional = trigger.kind not in rules.service_kinds
     tz_name = customer_timezone(contact, store_timezones, rules)
-    history = list(history)
+    counting = counts or (lambda p: p.counts)
+    history = [p for p in history if counting(p)]
 
     def suppressed(reason: str) -> Decision:
         return Decision(trigger, SUPPRESSED, reason, None, (), None, None, tz_name, promotional)
@@ -307,9 +369,11 @@ def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
     if erased and contact is None:
         return suppressed(ERASED)
     if trigger.period and any(
-            p.kind == trigger.kind and p.period == trigger.period and p.counts
+            p.kind == trigger.kind and p.period == trigger.period
             and p.trigger_id != trigger.trigger_id for p in history):
         return suppressed(DUPLICATE)
+    if contact is None and late:
+        return suppressed(NO_CONTACT)
     if contact is None:
         # Not known here yet, not erased: the profile is most likely still on its way.
         return Decision(trigger, PENDING, AWAITING_PROFILE, None, (), None, None, tz_name,
@@ -323,19 +387,19 @@ def decide(trigger: Trigger, contact: Contact | None, *, erased: bool,
     scheduled = wake or send_at
     cap_date = scheduled.astimezone(tz).date()
     if promotional:
-        counted = [p.cap_date for p in history if p.promotional and p.counts
-                   and p.cap_date is not None]
+        counted = [p.cap_date for p in history if p.promotional and p.cap_date is not None]
         if cap_blocks(cap_date, counted, rules):
             return suppressed(FREQUENCY_CAP)
     return Decision(trigger, DEFERRED if wake else PENDING, QUIET_HOURS if wake else None,
-                    channels[0], channels[1:], scheduled, cap_date, tz_name, promotional)
+                    channels[0], channels[1:], scheduled, cap_date, tz_name, promotional, contact)
 
 
 def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
                erased: set[str], history: Mapping[str, list[PriorNotice]], seen: set[str],
                now: dt.datetime, rules: NotificationRules,
                store_timezones: Mapping[str, str] | None = None,
-               as_of_fired_at: bool = False) -> list[Decision]:
+               as_of_fired_at: bool = False,
+               versions: Mapping[str, Sequence[Contact]] | None = None) -> list[Decision]:
     """Decide a batch: triggers already seen are dropped; per customer, higher priority first.
 
     Triggers released from a hold (their profile arrived) come in here too, with the new ones,
@@ -345,26 +409,63 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
     competing for one day's slot go to the higher-priority kind, whatever their batch order.
 
     `as_of_fired_at` (the event clock) decides each trigger at its own fired_at rather than at the
-    batch's now, so a replay decides it identically however the batches were cut.
+    batch's now, so a replay decides it identically however the batches were cut: on the profile
+    version in force then (`versions`, see version_at), counting for caps and duplicates only the
+    decisions before it in event time ((fired_at, priority, trigger_id), see `decided_before`) and
+    as they were decided, so the order in which the triggers reached this service does not matter.
     """
     rank = {kind: i for i, kind in enumerate(rules.priority)}
     fresh: dict[str, Trigger] = {}
     for t in triggers:
         if t.trigger_id not in seen and t.trigger_id not in fresh:
             fresh[t.trigger_id] = t
-    ordered = sorted(fresh.values(), key=lambda t: (t.customer_id, rank.get(t.kind, len(rank)),
-                                                    t.fired_at, t.trigger_id))
+    if as_of_fired_at:
+        order = lambda t: (t.customer_id, t.fired_at, rank.get(t.kind, len(rank)), t.trigger_id)  # noqa: E731
+    else:
+        order = lambda t: (t.customer_id, rank.get(t.kind, len(rank)), t.fired_at, t.trigger_id)  # noqa: E731
+    ordered = sorted(fresh.values(), key=order)
     running = {cid: list(items) for cid, items in history.items()}
     decisions: list[Decision] = []
     for t in ordered:
         prior = running.setdefault(t.customer_id, [])
-        d = decide(t, contacts.get(t.customer_id), erased=t.customer_id in erased, history=prior,
-                   now=t.fired_at if as_of_fired_at else now, rules=rules,
-                   store_timezones=store_timezones)
+        if as_of_fired_at and versions is not None:
+            contact, late = version_at(versions.get(t.customer_id, ()), t.fired_at)
+            d = decide(t, contact, erased=t.customer_id in erased, late=late, now=t.fired_at,
+                       history=decided_before(prior, t, rank), rules=rules,
+                       store_timezones=store_timezones, counts=_as_decided)
+        else:
+            d = decide(t, contacts.get(t.customer_id), erased=t.customer_id in erased,
+                       history=prior, now=t.fired_at if as_of_fired_at else now, rules=rules,
+                       store_timezones=store_timezones)
         decisions.append(d)
         prior.append(PriorNotice(t.trigger_id, t.kind, t.period, d.promotional, d.cap_date,
-                                 d.status, d.reason))
+                                 d.status, d.reason, at=t.fired_at if as_of_fired_at else now,
+                                 channel=d.channel))
     return decisions
+
+
+def _as_decided(p: PriorNotice) -> bool:
+    return p.counts_as_decided
+
+
+def decided_before(history: Iterable[PriorNotice], trigger: Trigger,
+                   rank: Mapping[str, int]) -> list[PriorNotice]:
+    """Event clock: the customer's decisions that precede `trigger` in event time, one per trigger.
+
+    Ordered by (decided at, priority of the kind, trigger_id), the order decide_all decides in; a
+    later trigger that happened to be decided first does not take an earlier one's slot. A trigger
+    failed over to another channel has two rows: its first decision counts, once.
+    """
+    key = (trigger.fired_at, rank.get(trigger.kind, len(rank)), trigger.trigger_id)
+    first: dict[str, PriorNotice] = {}
+    for p in history:
+        if p.at is None or p.trigger_id == trigger.trigger_id:
+            continue
+        if (p.at, rank.get(p.kind, len(rank)), p.trigger_id) >= key:
+            continue
+        if p.trigger_id not in first or p.at < first[p.trigger_id].at:  # type: ignore[operator]
+            first[p.trigger_id] = p
+    return list(first.values())
 
 
 # -- at send time --------------------------------------------------------------------------------

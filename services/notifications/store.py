@@ -22,8 +22,9 @@ from services.notifications.contacts import (
     Sealed,
     contact_from_row,
     seal_context,
+    version_from_row,
 )
-from services.notifications.policy import ACTIVE, Decision, PriorNotice
+from services.notifications.policy import ACTIVE, EVENT_HORIZON, Decision, PriorNotice
 from shared.crypto import DecryptionError, Vault
 
 # -- read model --------------------------------------------------------------------------------
@@ -91,6 +92,60 @@ async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact],
                        [c.customer_id for c in contacts])
 
 
+# Versions (event clock): each applied profile, valid from its updated_at, with the channels it had a
+# contact point for and no contact point itself. In the same statement, versions of these customers
+# superseded before the horizon go: the one in force at the horizon and all later ones are kept.
+_INSERT_VERSIONS = """
+WITH added AS (
+    INSERT INTO contact_versions (customer_id, valid_from, version, reachable, first_name, locale,
+                                  timezone, home_store_id, preferred_channel, consents)
+    SELECT u.cid, u.valid_from, u.ver, u.reachable::text[], u.fname, u.loc, u.tz, u.store, u.pref,
+           u.consents::jsonb
+    FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::text[])
+         AS u(cid, valid_from, ver, reachable, fname, loc, tz, store, pref, consents)
+    ON CONFLICT (customer_id, valid_from, version) DO NOTHING
+    RETURNING 1
+)
+DELETE FROM contact_versions v
+USING (SELECT DISTINCT unnest($1::text[]) AS cid) AS u
+WHERE v.customer_id = u.cid AND v.valid_from < $11
+  AND EXISTS (SELECT 1 FROM contact_versions w
+              WHERE w.customer_id = v.customer_id AND w.valid_from <= $11
+                AND (w.valid_from, w.version) > (v.valid_from, v.version))
+"""
+# How long a superseded version is kept (event time before the clock). A trigger is decided on the
+# version in force at its fired_at, and a trigger can reach this service well after the clock has
+# passed its fired_at (a time-based rule found at the customer's next event, a late sale); the
+# horizon is far longer than any such lag, and a long replay keeps a bounded few versions.
+VERSION_HORIZON = EVENT_HORIZON
+
+
+async def add_versions(conn: asyncpg.Connection, versions: Sequence[Contact],
+                       now: dt.datetime) -> None:
+    """Keep each profile as a version valid from its updated_at; prune what can no longer matter.
+
+    Re-applying a profile (a redelivery, a replay) finds its version there and changes nothing.
+    """
+    rows = [v for v in versions if v.valid_from is not None]
+    if not rows:
+        return
+    await conn.execute(
+        _INSERT_VERSIONS,
+        [v.customer_id for v in rows],
+        [v.valid_from for v in rows],
+        [v.version for v in rows],
+        [_pg_array(sorted(v.channels_reachable())) for v in rows],
+        [v.first_name for v in rows],
+        [v.locale for v in rows],
+        [v.timezone for v in rows],
+        [v.home_store_id for v in rows],
+        [v.preferred_channel for v in rows],
+        [orjson.dumps(dict(v.consents)).decode() for v in rows],
+        now - VERSION_HORIZON,
+    )
+
+
 _FORGET_PENDING = """
 UPDATE notifications SET status = 'suppressed', reason = 'erased', due_at = NULL,
        claimed_by = NULL, held_trigger = NULL, updated_at = now()
@@ -133,7 +188,10 @@ async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str],
         return []
     ids = list(customer_ids)
     contact = {r["customer_id"] for r in await conn.fetch(
-        "DELETE FROM contacts WHERE customer_id = ANY($1::text[]) RETURNING customer_id", ids)}
+        "WITH latest AS (DELETE FROM contacts WHERE customer_id = ANY($1::text[]) RETURNING customer_id), "
+        "versions AS (DELETE FROM contact_versions WHERE customer_id = ANY($1::text[]) "
+        "RETURNING customer_id) "
+        "SELECT customer_id FROM latest UNION SELECT customer_id FROM versions", ids)}
     await conn.execute(
         "INSERT INTO forgotten (customer_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", ids)
     stopped = await conn.fetch(_FORGET_PENDING, ids)
@@ -250,33 +308,57 @@ members AS (
     SELECT cid, cid AS member FROM req
     UNION SELECT r.cid, a.merged FROM req r JOIN aliases a ON a.survivor = r.cid
 )
-SELECT m.cid, n.trigger_id, n.kind, n.period, n.promotional, n.cap_date, n.status, n.reason
+SELECT m.cid, n.trigger_id, n.kind, n.period, n.promotional, n.cap_date, n.status, n.reason,
+       n.decided_at, n.channel
 FROM members m JOIN notifications n ON n.customer_id = m.member
-WHERE n.status = ANY($2::text[])
+WHERE n.status = ANY($2::text[]) OR ($3 AND n.channel IS NOT NULL)
+"""
+
+
+# Joined to unnest, not `= ANY($1)`: a cached generic plan planned while the table was small can
+# keep a sequential scan whose filter walks the whole array for every row (a cost that grows with
+# table x batch); a join is index lookups or one hash either way.
+_VERSIONS_OF = """
+SELECT v.* FROM unnest($1::text[]) AS u(cid) JOIN contact_versions v ON v.customer_id = u.cid
+ORDER BY v.customer_id, v.valid_from, v.version
+"""
+_SEEN = """
+SELECT DISTINCT n.trigger_id FROM unnest($1::text[]) AS u(tid) JOIN notifications n ON n.trigger_id = u.tid
 """
 
 
 async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
-                          trigger_ids: Sequence[str]) -> dict[str, Any]:
-    """Everything `policy.decide_all` needs for a batch, a handful of set-based queries."""
+                          trigger_ids: Sequence[str], *, versioned: bool = False) -> dict[str, Any]:
+    """Everything `policy.decide_all` needs for a batch, a handful of set-based queries.
+
+    `versioned` (event clock): the customers' profile versions instead of their latest contact,
+    and every decision that chose a channel, whatever its status now (see PriorNotice).
+    """
     cids = list(set(customer_ids))
-    contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
-        "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
+    contacts: dict[str, Contact] = {}
+    versions: dict[str, list[Contact]] | None = None
+    if versioned:
+        versions = {}
+        for r in await conn.fetch(_VERSIONS_OF, cids):
+            versions.setdefault(r["customer_id"], []).append(version_from_row(r))
+        profiles: list[Contact] = [v for vs in versions.values() for v in vs]
+    else:
+        contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
+            "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
+        profiles = list(contacts.values())
     erased = {r["customer_id"] for r in await conn.fetch(
         "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
-    seen = {r["trigger_id"] for r in await conn.fetch(
-        "SELECT DISTINCT trigger_id FROM notifications WHERE trigger_id = ANY($1::text[])",
-        list(trigger_ids))}
+    seen = {r["trigger_id"] for r in await conn.fetch(_SEEN, list(trigger_ids))}
     history: dict[str, list[PriorNotice]] = {}
-    for r in await conn.fetch(_HISTORY, cids, sorted(ACTIVE)):
+    for r in await conn.fetch(_HISTORY, cids, sorted(ACTIVE), versioned):
         history.setdefault(r["cid"], []).append(PriorNotice(
             r["trigger_id"], r["kind"], r["period"], r["promotional"], r["cap_date"], r["status"],
-            r["reason"]))
-    store_ids = list({c.home_store_id for c in contacts.values() if c.home_store_id})
+            r["reason"], at=r["decided_at"], channel=r["channel"]))
+    store_ids = list({c.home_store_id for c in profiles if c.home_store_id})
     stores = {r["store_id"]: r["timezone"] for r in await conn.fetch(
         "SELECT store_id, timezone FROM stores WHERE store_id = ANY($1::text[])", store_ids)}
     return {"contacts": contacts, "erased": erased, "seen": seen, "history": history,
-            "store_timezones": stores}
+            "store_timezones": stores, "versions": versions}
 
 
 _INSERT = """
