@@ -10,8 +10,12 @@ at least `grace_ms` after the record arrived. The merge of fixed logs by their h
 the logs alone, so every replay releases the same sequence; the grace covers records of one publish
 that reach different partitions a few milliseconds apart.
 
-Records without an event time (tombstones, dead letters) sort first among the heads: they carry no
-state a later event could contradict.
+Records without an event time (tombstones, dead letters) take the time of the record before them in
+their partition: a tombstone is published with the change that caused it (identity's merge-away or
+erasure comes right after that event's records), so it must not overtake other partitions' records
+from before that change — triggers of the merged-away customer still a hop behind would otherwise
+be decided `erased` in one replay and not in the next. The first record of a partition with no
+time sorts first among the heads.
 """
 
 from __future__ import annotations
@@ -76,11 +80,13 @@ class EventTimeOrder:
     def __init__(self, grace_ms: int = 500) -> None:
         self.grace_ms = grace_ms
         self._buffers: dict[TP, deque[_Held]] = {}
+        self._last: dict[TP, int] = {}  # time key of the latest item added per partition
 
     def add(self, tp: TP, offset: int, at: dt.datetime | None, item: Any, arrived_ms: int) -> None:
-        """Buffer one item of partition `tp`, in offset order."""
-        self._buffers.setdefault(tp, deque()).append(
-            _Held((time_key(at), tp[0], tp[1], offset), arrived_ms, item))
+        """Buffer one item of partition `tp`, in offset order; no time: its predecessor's."""
+        key = self._last.get(tp, NO_TIME) if at is None else time_key(at)
+        self._last[tp] = key
+        self._buffers.setdefault(tp, deque()).append(_Held((key, tp[0], tp[1], offset), arrived_ms, item))
 
     def held(self, tp: TP | None = None) -> int:
         """Items buffered for `tp` (or in all)."""
@@ -92,6 +98,7 @@ class EventTimeOrder:
         """Forget revoked partitions: their new owner re-reads them from the stored positions."""
         for tp in tps:
             self._buffers.pop(tp, None)
+            self._last.pop(tp, None)
 
     def release(self, assigned: Mapping[TP, PartitionState], limit: int) -> list[Any]:
         """Items that can leave now, in order, at most `limit`."""

@@ -91,6 +91,24 @@ def test_records_without_time_sort_first_and_ties_break_by_partition_then_offset
     assert time_key(None) < time_key(at(0))
 
 
+def test_a_tombstone_keeps_the_time_of_the_record_before_it_in_its_partition():
+    """identity publishes a merged-away customer's tombstone right after the change that caused it:
+    it must not overtake another partition's records from before that change."""
+    order = EventTimeOrder(grace_ms=0)
+    order.add(("profiles", 0), 0, at(10), "survivor@10", arrived_ms=0)
+    order.add(("profiles", 0), 1, None, "tombstone", arrived_ms=0)
+    order.add(("fired", 0), 0, at(5), "trigger@5", arrived_ms=0)
+    order.add(("fired", 0), 1, at(12), "trigger@12", arrived_ms=0)
+    states = {("profiles", 0): QUIET, ("fired", 0): QUIET}
+    assert order.release(states, limit=10) == ["trigger@5", "survivor@10", "tombstone", "trigger@12"]
+    # forgotten with the partition: after a revoke the first record again has no predecessor
+    order.add(("profiles", 0), 2, at(20), "later@20", arrived_ms=0)
+    order.drop([("profiles", 0)])
+    order.add(("profiles", 0), 3, None, "tombstone2", arrived_ms=0)
+    order.add(("fired", 0), 2, at(1), "early@1", arrived_ms=0)
+    assert order.release(states, limit=10) == ["tombstone2", "early@1"]
+
+
 def test_event_time_of_each_topic_shape():
     assert event_time({"occurred_at": at(1)}) == at(1)
     assert event_time({"event": {"occurred_at": at(2)}, "customer_id": "c"}) == at(2)
