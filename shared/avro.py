@@ -166,8 +166,22 @@ class AvroCodec:
 
     def __init__(self, registry: SchemaRegistry) -> None:
         self.registry = registry
+        # subject -> (header, compiled body encoder or None where the schema is not compiled)
+        self._compiled: dict[str, tuple[bytes, Any]] = {}
 
     def encode(self, subject: str, record: dict[str, Any], version: int | None = None) -> bytes:
+        if version is None:
+            compiled = self._compiled.get(subject)
+            if compiled is None:
+                compiled = self._compiled[subject] = self._compile(subject)
+            header, fn = compiled
+            if fn is not None:
+                out = bytearray(header)
+                try:
+                    fn(record, out)
+                    return bytes(out)
+                except Exception:  # noqa: BLE001, S110 - fastavro decides (and words) what it refuses
+                    pass
         sv = self.registry.latest(subject) if version is None else self._version(subject, version)
         buf = io.BytesIO()
         buf.write(sv.header)
@@ -176,6 +190,15 @@ class AvroCodec:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SchemaError("unencodable", f"{subject}: {exc}") from exc
         return buf.getvalue()
+
+    def _compile(self, subject: str) -> tuple[bytes, Any]:
+        from shared.avro_compiled import compile_record  # imports nothing back from here
+
+        sv = self.registry.latest(subject)
+        try:
+            return sv.header, compile_record(sv.schema)
+        except ValueError:
+            return sv.header, None  # a union or type the compiler does not know: fastavro
 
     def decode(self, data: bytes, subject: str | None = None) -> dict[str, Any]:
         """Decode single-object bytes; with `subject`, resolve into that subject's latest schema."""
