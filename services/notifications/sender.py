@@ -157,7 +157,7 @@ class Dispatcher:
             await self.expire_held()
         capacity = sum(self.limits.values()) - len(self._in_flight)
         if self.sandbox_only:
-            capacity = max(capacity, SANDBOX_CLAIM)  # no provider to protect: claim a batch
+            return await self._dispatch_sandbox(max(capacity, SANDBOX_CLAIM))
         rows, contacts, erased = await store.claim_due(
             self.pool, now=self.clock.now(), limit=capacity, worker=self.worker,
             lease_seconds=self.lease_seconds)
@@ -169,6 +169,56 @@ class Dispatcher:
             task.add_done_callback(self._done)
         return len(rows)
 
+    async def _dispatch_sandbox(self, limit: int) -> int:
+        """Every provider is the sandbox: due rows are locked, recorded sent and their outcomes
+        written in one transaction, with no claim written first (a claim is a row update that only
+        guards a provider call); what must be deferred, suppressed or failed over is claimed in that
+        transaction and goes the ordinary way after it."""
+        async with self._tx() as conn:
+            rows, contacts, erased = await store.take_due(conn, now=self.clock.now(), limit=limit)
+            if not rows:
+                return 0
+            sends, rest_ids = self._sandbox_split(rows, contacts, erased)
+            updated = await store.mark_sent_many(conn, sends, attempt=True)
+            await add_to_outbox(conn, [outcome_message(
+                self.codec, u, status=SENT, reason=None, occurred_at=u["sent_at"]) for u in updated])
+            rest = await store.claim_rows(conn, rest_ids, worker=self.worker, lease_seconds=self.lease_seconds)
+        for u in updated:
+            self.metrics.status(u["channel"], SENT, None)
+        self.sent += len(updated)
+        for row in rest:
+            task = asyncio.create_task(self._handle(row, contacts.get(row["customer_id"]),
+                                                    row["customer_id"] in erased))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
+        return len(rows)
+
+    def _sandbox_split(self, rows: list[asyncpg.Record], contacts: Mapping[str, Contact],
+                       erased: set[str]) -> tuple[list[tuple[str, str, str, dt.datetime]], list[str]]:
+        """Rows the sandbox sends now (notification_id, provider, message id, sent_at) and the ids
+        of the rest, which go the ordinary way."""
+        sends, rest = [], []
+        for row in rows:
+            channel = row["channel"]
+            if not isinstance(self.providers.get(channel), SandboxProvider):
+                rest.append(str(row["notification_id"]))
+                continue
+            contact = contacts.get(row["customer_id"])
+            check = check_before_send(channel, contact, erased=row["customer_id"] in erased,
+                                      now=self._now(row), tz_name=row["timezone"], rules=self.rules)
+            if check.action != "send":
+                rest.append(str(row["notification_id"]))
+                continue
+            try:
+                if check.address is not None:
+                    reveal(check.address, self.vault)  # an unreadable contact fails over, as live
+            except DecryptionError:
+                rest.append(str(row["notification_id"]))
+                continue
+            nid = str(row["notification_id"])
+            sends.append((nid, "sandbox", f"sandbox-{nid}", self._now(row)))
+        return sends, rest
+
     async def _send_sandbox_batch(self, rows: list[asyncpg.Record], contacts: Mapping[str, Contact],
                                   erased: set[str]) -> list[asyncpg.Record]:
         """Sandbox sends of a claim recorded in one transaction; returns the rows left to _handle.
@@ -177,26 +227,9 @@ class Dispatcher:
         after a crash buys nothing here; a send that must be deferred, suppressed or failed over
         goes the ordinary way.
         """
-        sends, rest = [], []
-        for row in rows:
-            channel = row["channel"]
-            if not isinstance(self.providers.get(channel), SandboxProvider):
-                rest.append(row)
-                continue
-            contact = contacts.get(row["customer_id"])
-            check = check_before_send(channel, contact, erased=row["customer_id"] in erased,
-                                      now=self._now(row), tz_name=row["timezone"], rules=self.rules)
-            if check.action != "send":
-                rest.append(row)
-                continue
-            try:
-                if check.address is not None:
-                    reveal(check.address, self.vault)  # an unreadable contact fails over, as live
-            except DecryptionError:
-                rest.append(row)
-                continue
-            nid = str(row["notification_id"])
-            sends.append((nid, "sandbox", f"sandbox-{nid}", self._now(row)))
+        sends, rest_ids = self._sandbox_split(rows, contacts, erased)
+        left = set(rest_ids)
+        rest = [r for r in rows if str(r["notification_id"]) in left]
         if sends:
             async with self._tx() as conn:
                 updated = await store.mark_sent_many(conn, sends)

@@ -468,27 +468,43 @@ async def drop_held(conn: asyncpg.Connection, ids: Sequence[str]) -> None:
 
 # -- the send queue --------------------------------------------------------------------------------
 
-_CLAIM = """
+_DUE = """
 WITH live_workers AS (
     SELECT (l.classid::bigint << 32) | l.objid::bigint AS worker
     FROM pg_locks l
     WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-),
-due AS (
-    SELECT notification_id FROM notifications
-    WHERE status IN ('pending', 'deferred') AND due_at <= $1 AND channel IS NOT NULL
-      AND (retry_at IS NULL OR retry_at <= clock_timestamp())
-      AND (claimed_by IS NULL OR lease_until < clock_timestamp()
-           OR claimed_by NOT IN (SELECT worker FROM live_workers))
-    ORDER BY due_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
 )
+SELECT notification_id FROM notifications
+WHERE status IN ('pending', 'deferred') AND due_at <= $1 AND channel IS NOT NULL
+  AND (retry_at IS NULL OR retry_at <= clock_timestamp())
+  AND (claimed_by IS NULL OR lease_until < clock_timestamp()
+       OR claimed_by NOT IN (SELECT worker FROM live_workers))
+ORDER BY due_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+_CLAIM = f"""
+WITH due AS ({_DUE})
 UPDATE notifications n
 SET claimed_by = $3, lease_until = clock_timestamp() + make_interval(secs => $4),
     attempt = n.attempt + 1, updated_at = now()
 FROM due WHERE n.notification_id = due.notification_id
+RETURNING n.*
+"""
+
+# Due rows locked for the caller's transaction, unclaimed: the sandbox records them sent right away.
+_TAKE = f"""
+WITH due AS ({_DUE})
+SELECT n.* FROM notifications n JOIN due USING (notification_id) ORDER BY n.due_at
+"""
+
+_CLAIM_IDS = """
+UPDATE notifications n
+SET claimed_by = $2, lease_until = clock_timestamp() + make_interval(secs => $3),
+    attempt = n.attempt + 1, updated_at = now()
+WHERE n.notification_id = ANY($1::uuid[])
 RETURNING n.*
 """
 
@@ -503,12 +519,36 @@ async def claim_due(pool: asyncpg.Pool, *, now: dt.datetime, limit: int, worker:
             rows = await conn.fetch(_CLAIM, now, limit, worker, float(lease_seconds))
         if not rows:
             return [], {}, set()
-        cids = list({r["customer_id"] for r in rows})
-        contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
-            "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
-        erased = {r["customer_id"] for r in await conn.fetch(
-            "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
+        contacts, erased = await _contacts_of(conn, rows)
     return list(rows), contacts, erased
+
+
+async def _contacts_of(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> tuple[dict[str, Contact], set[str]]:
+    cids = list({r["customer_id"] for r in rows})
+    contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
+        "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
+    erased = {r["customer_id"] for r in await conn.fetch(
+        "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
+    return contacts, erased
+
+
+async def take_due(conn: asyncpg.Connection, *, now: dt.datetime, limit: int
+                   ) -> tuple[list[asyncpg.Record], dict[str, Contact], set[str]]:
+    """Lock up to `limit` due sends in the caller's transaction without claiming them (no write):
+    for a sender that settles them in that same transaction; with their contacts."""
+    rows = await conn.fetch(_TAKE, now, limit)
+    if not rows:
+        return [], {}, set()
+    contacts, erased = await _contacts_of(conn, rows)
+    return list(rows), contacts, erased
+
+
+async def claim_rows(conn: asyncpg.Connection, ids: list[str], *, worker: int,
+                     lease_seconds: float) -> list[asyncpg.Record]:
+    """Claim rows locked by `take_due` for sending outside the transaction (a lease, one attempt)."""
+    if not ids:
+        return []
+    return list(await conn.fetch(_CLAIM_IDS, ids, worker, float(lease_seconds)))
 
 
 async def next_due_at(pool: asyncpg.Pool) -> dt.datetime | None:
@@ -534,13 +574,16 @@ async def mark_sent(conn: asyncpg.Connection, nid: str, *, provider: str,
     return row
 
 
-async def mark_sent_many(conn: asyncpg.Connection, sends: list[tuple[str, str, str, dt.datetime]]
-                         ) -> list[asyncpg.Record]:
-    """Many pending -> sent in one statement: (notification_id, provider, message id, sent_at)."""
+async def mark_sent_many(conn: asyncpg.Connection, sends: list[tuple[str, str, str, dt.datetime]],
+                         *, attempt: bool = False) -> list[asyncpg.Record]:
+    """Many pending -> sent in one statement: (notification_id, provider, message id, sent_at).
+
+    `attempt`: the rows were taken unclaimed (take_due), so this send is counted here."""
     if not sends:
         return []
     return await conn.fetch(
         "UPDATE notifications n SET status = 'sent', reason = NULL, provider = u.provider, "
+        + ("attempt = n.attempt + 1, " if attempt else "") +
         "provider_message_id = u.pmid, sent_at = u.at, due_at = NULL, claimed_by = NULL, "
         "lease_until = NULL, updated_at = now() "
         "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS u(id, provider, pmid, at) "

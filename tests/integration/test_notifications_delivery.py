@@ -487,3 +487,5 @@ async def test_sandbox_batch_still_defers_at_night_and_stops_on_opt_out(peer, ma
     assert d.sent == 2 and peer.requests == []
     sent = [o for o in await env.outcomes() if o["status"] == "sent"]
     assert sorted(o["trigger_id"] for o in sent) == ["t20", "t22"]
+    # recorded sent without a claim written first, still counted as one attempt
+    assert [rows[f"t{i}/sms"]["attempt"] for i in (20, 22)] == [1, 1] and {o["attempt"] for o in sent} == {1}
