@@ -19,7 +19,6 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 from services.identity import profile
 from services.identity.normalise import Ident
+from shared.ids import uuid5
 
 NAMESPACE = uuid.UUID("5b0f3c1e-9a4d-4e3b-8f5e-2d7c1a9b6e40")
 LIMITED_TYPES = ("email", "phone")
@@ -41,12 +41,7 @@ _NAMESPACE_BYTES = NAMESPACE.bytes
 
 
 def _uuid5(name: str) -> str:
-    """str(uuid.uuid5(NAMESPACE, name)) without building the UUID object (this runs per event)."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50   # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80   # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid5(_NAMESPACE_BYTES, name)
 
 
 def customer_id_for(event_id: str) -> str:
@@ -98,7 +93,9 @@ class Customer:
     erased: bool = False
     version: int = 0
     created_by: str | None = None
-    # batch bookkeeping
+    # batch bookkeeping: `changed` = the row is written at the end of the batch; `profile_changed`
+    # and `tombstone` = a profile record (or tombstone) is due, cleared by whoever publishes it
+    # (the handler, after each event: one record per changing event, whatever the batch cut).
     new: bool = False
     changed: bool = False
     profile_changed: bool = False
@@ -175,6 +172,9 @@ class Graph:
     merged_away: dict[str, str] = field(default_factory=dict)          # merged -> survivor
     erased: set[str] = field(default_factory=set)
     removed: set[Ident] = field(default_factory=set)                   # links deleted by erase
+    # Customers whose row the event being resolved changed (reset by each `resolve`): their
+    # updated_at moves to its time, and the handler publishes their profiles right after it.
+    touched: dict[str, Customer] = field(default_factory=dict)
 
     # -- loading ------------------------------------------------------------------------
     def add(self, customer: Customer) -> Customer:
@@ -200,6 +200,8 @@ class Graph:
 
 def resolve(graph: Graph, ev: Incoming) -> Resolution:
     """Apply one event to the graph: the customer it belongs to, and what that changed."""
+    touched = graph.touched
+    touched.clear()
     usable = [i for i in ev.identifiers if i not in graph.quarantined]
     if not usable:
         raise NoIdentifier("no usable identifier")
@@ -210,7 +212,9 @@ def resolve(graph: Graph, ev: Incoming) -> Resolution:
             graph.new_quarantine[ident] = ("shared_identifier", ev.occurred_at)
             usable.remove(ident)
             noted.append((ident, "shared_identifier"))
-            graph.customers[graph.owners[ident]].note_quarantine(ident, "shared_identifier")
+            owner = graph.customers[graph.owners[ident]]
+            if owner.note_quarantine(ident, "shared_identifier"):
+                touched[owner.customer_id] = owner
     if not usable:
         raise NoIdentifier("only quarantined identifiers")
 
@@ -222,6 +226,7 @@ def resolve(graph: Graph, ev: Incoming) -> Resolution:
         survivor = graph.add(Customer(customer_id_for(ev.event_id), ev.occurred_at, ev.occurred_at,
                                       created_by=ev.event_id, new=True, changed=True,
                                       profile_changed=True))
+        touched[survivor.customer_id] = survivor
         outcome = "new"
     else:
         survivor = candidates[0]
@@ -233,8 +238,11 @@ def resolve(graph: Graph, ev: Incoming) -> Resolution:
                 for ident in bridges:
                     if survivor.note_quarantine(ident, refusal):
                         noted.append((ident, refusal))
+                        touched[survivor.customer_id] = survivor
                 continue
             merges.append(_merge(graph, survivor, other, ev, usable))
+            touched[survivor.customer_id] = survivor
+            touched[other.customer_id] = other
             outcome = "merged"
     for ident in usable:
         if ident in graph.owners:
@@ -243,34 +251,47 @@ def resolve(graph: Graph, ev: Incoming) -> Resolution:
         if kind in LIMITED_TYPES and survivor.count(kind) >= graph.guard.max_per_type:
             if survivor.note_quarantine(ident, "type_limit"):
                 noted.append((ident, "type_limit"))
+                touched[survivor.customer_id] = survivor
             continue
         graph.owners[ident] = survivor.customer_id
         graph.homes[ident] = survivor.customer_id
         graph.removed.discard(ident)
         survivor.identifiers.add(ident)
         survivor.changed = survivor.profile_changed = True
+        touched[survivor.customer_id] = survivor
         if outcome == "matched":
             outcome = "attached"
-    _apply_delta(survivor, ev)
+    if _apply_delta(survivor, ev):
+        touched[survivor.customer_id] = survivor
     if ev.occurred_at < survivor.created_at:
         survivor.created_at = ev.occurred_at
         survivor.changed = survivor.profile_changed = True
+        touched[survivor.customer_id] = survivor
     if ev.erase:
         erase(graph, survivor, ev.occurred_at)
-    elif survivor.changed and ev.occurred_at > survivor.updated_at:
-        survivor.updated_at = ev.occurred_at
+        touched[survivor.customer_id] = survivor
+    # updated_at is the event time of the customer's latest change: what this event changed moves
+    # to its time (never back), an event that changed nothing leaves it, whatever batch it was in.
+    for c in touched.values():
+        if ev.occurred_at > c.updated_at:
+            c.updated_at = ev.occurred_at
     return Resolution(survivor.customer_id, outcome, tuple(usable), merges, noted, ev.erase)
 
 
-def _apply_delta(c: Customer, ev: Incoming) -> None:
+def _apply_delta(c: Customer, ev: Incoming) -> bool:
+    """Fold the event's delta into the customer; True when its row changed."""
     if profile.is_empty(ev.delta):
-        return
-    c.own = profile.merge(c.own, ev.delta)
+        return False
+    own = profile.merge(c.own, ev.delta)
     golden = profile.merge(c.golden, ev.delta)
     if golden != c.golden:
         c.golden = golden
         c.profile_changed = True
+    elif own == c.own:
+        return False  # said nothing new (a redelivered or older update)
+    c.own = own
     c.changed = True
+    return True
 
 
 def _sighted_too_often(graph: Graph, ev: Incoming, ident: Ident, usable: list[Ident]) -> bool:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from shared.ids import uuid5
+
 # Namespace of every id loyalty derives (ledger entries, loyalty events), so re-runs give the same ids.
 LOYALTY_NAMESPACE = uuid.UUID("6f1c1b0e-7a55-5d1e-9a43-0c0ffee10a17")
 
@@ -46,11 +48,7 @@ def derived_id(*parts: str) -> str:
 
     Same value as `uuid.uuid5(LOYALTY_NAMESPACE, "|".join(parts))`, without building UUID objects
     (this runs for every ledger entry)."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "|".join(parts).encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid5(_NAMESPACE_BYTES, "|".join(parts))
 
 
 def entry_id(event_id: str, kind: str) -> str:

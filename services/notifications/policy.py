@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.notifications.contacts import CHANNELS, Address, Contact
+from shared.ids import uuid5
 
 UTC = dt.UTC
 NOTIFICATION_NS = uuid.UUID("5b0f6f7e-8d0c-4c1e-9e55-6f1c1f1e0a04")
@@ -44,14 +45,17 @@ DEFAULT_PRIORITY = (
 )
 
 
+_NS = NOTIFICATION_NS.bytes
+
+
 def notification_id(trigger_id: str, channel: str | None) -> str:
     """uuid5 of trigger_id and channel: re-deciding a trigger never makes a second notification."""
-    return str(uuid.uuid5(NOTIFICATION_NS, f"{trigger_id}:{channel or '-'}"))
+    return uuid5(_NS, f"{trigger_id}:{channel or '-'}")
 
 
 def outcome_id(notification: str, status: str, attempt: int, reason: str | None) -> str:
     """Deterministic id of one status change, so a republished outcome is recognisably the same."""
-    return str(uuid.uuid5(NOTIFICATION_NS, f"{notification}:{status}:{attempt}:{reason or ''}"))
+    return uuid5(_NS, f"{notification}:{status}:{attempt}:{reason or ''}")
 
 
 def _hhmm(value: str) -> dt.time:
