@@ -33,7 +33,7 @@ from shared.errors import PermanentError, SchemaError, TransientError
 from shared.event_order import EventTimeOrder, PartitionState, event_time
 from shared.logs import redact_text
 from shared.metrics import ServiceMetrics
-from shared.outbox import OutboxMessage, add_to_outbox
+from shared.outbox import OutboxMessage, add_to_outbox, event_at_of
 from shared.topics import DEAD_LETTER, Topic
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,10 @@ class BatchConsumer:
             rec = Record(m.topic, m.partition, m.offset, m.key, None, m.value, m.timestamp)
             try:
                 rec.value = decoder(topics[m.topic], m.value)
-                order.add((m.topic, m.partition), m.offset, event_time(rec.value), rec, arrived_ms)
+                at = event_time(rec.value)
+                if at is None and m.headers:  # a tombstone that says when it happened
+                    at = event_at_of(m.headers)
+                order.add((m.topic, m.partition), m.offset, at, rec, arrived_ms)
             except PermanentError as exc:
                 order.add((m.topic, m.partition), m.offset, None,
                           DeadLetter(rec, exc.reason, [("value", str(exc))]), arrived_ms)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import logging
 import random
@@ -29,16 +30,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
-    """A record to publish: topic, key (UTF-8 string) and encoded value (None = tombstone)."""
+    """A record to publish: topic, key (UTF-8 string) and encoded value (None = tombstone).
+
+    `at`: the event time the record stands for, where its value cannot carry it (a tombstone);
+    published as the EVENT_AT_HEADER header."""
 
     topic: str
     key: str | None
     value: bytes | None
+    at: dt.datetime | None = None
 
+
+EVENT_AT_HEADER = "omnicrm-event-at"  # epoch milliseconds, ASCII
+_NO_HEADERS: list[tuple[str, bytes]] = []  # aiokafka's builder wants a list; never appended to
 
 _INSERT = """
 INSERT INTO outbox (topic, key, value)
 SELECT t, k, v FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v)
+"""
+
+_INSERT_AT = """
+INSERT INTO outbox (topic, key, value, event_at)
+SELECT t, k, v, a FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::timestamptz[]) AS u(t, k, v, a)
 """
 
 
@@ -46,12 +59,36 @@ async def add_to_outbox(conn: asyncpg.Connection, messages: Sequence[OutboxMessa
     """Write messages in the caller's transaction: one round trip for the whole batch."""
     if not messages:
         return
-    await conn.execute(
-        _INSERT,
+    args = [
         [m.topic for m in messages],
         [m.key.encode() if m.key is not None else None for m in messages],
         [m.value for m in messages],
-    )
+    ]
+    if any(m.at is not None for m in messages):
+        await conn.execute(_INSERT_AT, *args, [m.at for m in messages])
+    else:
+        await conn.execute(_INSERT, *args)
+
+
+def event_at_header(at: dt.datetime | None) -> list[tuple[str, bytes]]:
+    if at is None:
+        return []
+    return [(EVENT_AT_HEADER, str((at - _EPOCH) // _MILLISECOND).encode())]
+
+
+def event_at_of(headers: Sequence[tuple[str, bytes]] | None) -> dt.datetime | None:
+    """The EVENT_AT_HEADER time of a consumed record, if it has one."""
+    for name, value in headers or ():
+        if name == EVENT_AT_HEADER:
+            try:
+                return _EPOCH + int(value) * _MILLISECOND
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MILLISECOND = dt.timedelta(milliseconds=1)
 
 
 class OutboxRelay:
@@ -121,7 +158,7 @@ class OutboxRelay:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
                 return 0
             rows = await conn.fetch(
-                "SELECT id, topic, key, value FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+                "SELECT id, topic, key, value, event_at FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
                 self.batch_size,
             )
             if not rows:
@@ -156,7 +193,7 @@ class OutboxRelay:
         builders: dict[tuple[str, int], Any] = {}
         counts: dict[str, int] = {}
         futures: list[Any] = []
-        for _id, topic, key, value in rows:
+        for _id, topic, key, value, at in rows:
             layout = layouts.get(topic)
             if layout is None:
                 all_partitions = sorted(await producer.partitions_for(topic))
@@ -173,10 +210,11 @@ class OutboxRelay:
             builder = builders.get(tp)
             if builder is None:
                 builder = builders[tp] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:  # full: ship, start the next
+            headers = event_at_header(at) if at is not None else _NO_HEADERS
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:  # full: ship, start the next
                 futures.append(await self._ship(builder, tp))
                 builder = builders[tp] = producer.create_batch()
-                if builder.append(key=key, value=value, timestamp=None) is None:
+                if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     raise KafkaError(f"an outbox record for {topic} does not fit in a producer batch")
             counts[topic] += 1
         for tp, builder in builders.items():
@@ -190,8 +228,9 @@ class OutboxRelay:
     async def _send_each(self, rows: list[asyncpg.Record]) -> tuple[list[Any], dict[str, int]]:
         counts: dict[str, int] = {}
         futures = []
-        for _id, topic, key, value in rows:
-            futures.append(await self.producer.send(topic, value=value, key=key))
+        for _id, topic, key, value, at in rows:
+            futures.append(await self.producer.send(topic, value=value, key=key,
+                                                    headers=event_at_header(at) or None))
             counts[topic] = counts.get(topic, 0) + 1
         return futures, counts
 

@@ -2,6 +2,12 @@
 event, write the changes and the outbox records (resolved events, profiles, merges) in the
 consumer's transaction.
 
+Per event, in this order: its resolved record, the merges it caused, then a profile record (or
+tombstone) for each customer it changed, as of that event. A profile is never folded across events,
+so the profile records (and their version and updated_at) depend on the events alone, not on where
+the fetches happened to cut the batches: a replay under the event clock publishes the same history,
+and notifications decides each trigger on the version in force at its fired_at.
+
 Two workers can see the same person at once. The batch runs in a savepoint: customers are locked
 in id order, new identifiers are inserted in key order under their unique key, and when another
 worker got there first (unique violation, or a locked customer turned out merged away) the
@@ -22,7 +28,7 @@ import asyncpg
 from services.identity import profile, store
 from services.identity.normalise import Ident, Normaliser
 from services.identity.records import profile_record
-from services.identity.resolution import Graph, Guard, Incoming, NoIdentifier, resolve
+from services.identity.resolution import Customer, Graph, Guard, Incoming, NoIdentifier, resolve
 from services.identity.sealing import Sealer
 from shared.avro import HEADER_LEN, AvroCodec, fingerprint
 from shared.batch_consumer import Record
@@ -225,7 +231,9 @@ class IdentityHandler:
                 out.append(self._merge_message(m))
             if res.erased:
                 self.metrics.erased.inc()
-        out.extend(self._profile_messages(graph))
+            touched = graph.touched
+            if touched:
+                self._profile_messages(touched, out, inc.occurred_at)
         await store.save_graph(conn, graph, merges, links, self.sealer)
         await add_to_outbox(conn, out)
         for outcome, count in outcomes.items():
@@ -312,19 +320,23 @@ class IdentityHandler:
             "reason": m.reason, "cause_event_id": m.cause_event_id, "occurred_at": m.occurred_at,
         }))
 
-    def _profile_messages(self, graph: Graph) -> list[OutboxMessage]:
-        out = []
-        for c in sorted(graph.customers.values(), key=lambda c: c.customer_id):
+    def _profile_messages(self, touched: dict[str, Customer], out: list[OutboxMessage],
+                          at: dt.datetime) -> None:
+        """The profile records due after one event: each customer it changed, as of that event
+        (a tombstone for one it merged away or erased, carrying the event's time as a header, so a
+        replay orders it where it happened), one version each, in customer id order."""
+        for cid in sorted(touched) if len(touched) > 1 else touched:
+            c = touched[cid]
+            c.changed = True  # the version is stored with the row
             if c.tombstone:
+                c.tombstone = c.profile_changed = False
                 c.version += 1
-                c.changed = True
-                out.append(OutboxMessage(IDENTITY_PROFILES.name, c.customer_id, None))
+                out.append(OutboxMessage(IDENTITY_PROFILES.name, cid, None, at=at))
             elif c.profile_changed and c.merged_into is None:
+                c.profile_changed = False
                 c.version += 1
-                c.changed = True
-                out.append(OutboxMessage(IDENTITY_PROFILES.name, c.customer_id,
+                out.append(OutboxMessage(IDENTITY_PROFILES.name, cid,
                                          self.codec.encode(PROFILE, profile_record(c))))
-        return out
 
 
 async def handle_stores(handler: IdentityHandler, conn: asyncpg.Connection,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import asyncpg
 import pytest
@@ -10,10 +11,11 @@ from aiokafka import AIOKafkaConsumer
 
 from shared.db import TRANSIENT_DB_ERRORS, create_pool, migrate, setup_database
 from shared.kafka import ensure_topics, make_producer
-from shared.outbox import OutboxMessage, OutboxRelay, add_to_outbox, outbox_backlog
+from shared.outbox import OutboxMessage, OutboxRelay, add_to_outbox, event_at_of, outbox_backlog
 from shared.topics import Topic
 
 pytestmark = pytest.mark.asyncio
+MERGED_AT = dt.datetime(2026, 9, 3, 14, 5, 7, 123000, tzinfo=dt.UTC)
 
 
 async def test_two_workers_starting_together_apply_each_migration_once(database, unique, tmp_path):
@@ -54,8 +56,8 @@ async def test_relay_publishes_committed_rows_in_order_and_never_rolled_back_one
                 async with conn.transaction():
                     await add_to_outbox(conn, [OutboxMessage(topic, "k", b"rolled-back")])
                     raise RuntimeError("the business transaction failed")
-            async with conn.transaction():
-                await add_to_outbox(conn, [OutboxMessage(topic, "k0", None)])  # a tombstone
+            async with conn.transaction():  # a tombstone that says when it happened
+                await add_to_outbox(conn, [OutboxMessage(topic, "k0", None, at=MERGED_AT)])
         relay = OutboxRelay(pool, producer, schema, batch_size=20)
         published = 0
         while (n := await relay.publish_once()):
@@ -74,6 +76,7 @@ async def test_relay_publishes_committed_rows_in_order_and_never_rolled_back_one
             await consumer.stop()
         assert [m.value for m in got[:50]] == [f"v{i}".encode() for i in range(50)]
         assert got[50].value is None and got[50].key == b"k0"
+        assert event_at_of(got[50].headers) == MERGED_AT and event_at_of(got[0].headers) is None
         assert b"rolled-back" not in [m.value for m in got]
     finally:
         await producer.stop()
