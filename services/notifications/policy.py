@@ -235,9 +235,9 @@ def hold_deadline(trigger: Trigger, now: dt.datetime, rules: NotificationRules,
 # Event clock: how long, in event time, a trigger waits for its customer's first profile version,
 # and how long a superseded version is kept. Under the event clock the wait is not for a profile
 # still on the network (the wall clock's `profile_grace_seconds`) but for identity to have published
-# the customer at all, and identity folds all of a customer's changes in one of its batches into one
-# profile, valid from the batch's last change: in a replay, days of event time after a trigger of
-# that batch. Far longer than that, and than any lag of a trigger's fired_at behind the clock.
+# the customer at all. Identity publishes a version per changing event, valid from that event's
+# time, so a customer's first version normally precedes every trigger of theirs; the bound is kept
+# far longer than any lag of a trigger's fired_at behind the clock, so it never decides a replay.
 EVENT_HORIZON = dt.timedelta(days=35)
 
 
@@ -247,9 +247,9 @@ def version_at(versions: Sequence[Contact], at: dt.datetime,
 
     The version in force (the last one valid from `at` or earlier). If the customer had none yet,
     the first one, when it came within `within` after `at`: it is what the customer first became
-    known as (identity may publish a new customer only once the changes of its whole batch are
-    folded in). Returns (version, late): (None, True) when the first version came later than that
-    (the hold's end: no_contact), (None, False) when there is none at all (hold). Versions of one
+    known as (rare: identity publishes a version per changing event, valid from its time). Returns
+    (version, late): (None, True) when the first version came later than that (the hold's end:
+    no_contact), (None, False) when there is none at all (hold). Versions of one
     customer arrive in order (one partition, identity's updated_at never goes back), so no version
     older than those known turns up later: the answer does not depend on whether the trigger or
     any version after it arrived first.

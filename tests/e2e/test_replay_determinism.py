@@ -160,17 +160,16 @@ def agreement(a: dict, b: dict) -> tuple[float, list]:
 
 
 def upstream_causes(first: dict, second: dict) -> dict[str, str]:
-    """Customers whose notification inputs differ between the two runs before notifications, and why.
+    """Customers whose notification inputs differ between the two runs before notifications, and why
+    (printed to explain a difference; only `triggers` is excused by the assertion).
 
-    - `profiles`: identity published different profile records for them. Identity publishes one
-      profile per customer per batch, folding every change of the batch into it (valid from the
-      last one), and its batches are cut by how fetches happened to return: one run may publish the
-      signup (no consent) and the consent ten seconds later as two versions, the other only the
-      second. The state at a trigger's fired_at is then not in the second run's data at all.
-    - `triggers`: a trigger fired in one run only (asserted separately, >= 98 %).
+    - `triggers`: a trigger fired in one run only (asserted separately, >= 98 %); a customer's other
+      decisions may then differ through the frequency cap.
+    - `profiles`: identity published different profile records for them (it publishes a version per
+      changing event, so the history must not depend on its batch cuts).
     - `tombstone`: a trigger decided `erased` in one run only, for a customer whose profile ends in a
-      tombstone (merged away or erased) in both: a tombstone carries no event time, so the event-time
-      merge releases it at once, ahead of that customer's earlier triggers still a hop behind.
+      tombstone in both (identity's tombstones carry their event time as a header, so the
+      event-time merge orders them where they happened).
     - merged with one of those: merged customers share frequency caps.
     """
     causes: dict[str, str] = {}
@@ -207,33 +206,32 @@ def test_a_month_replayed_twice_fires_the_same_triggers_and_decides_the_same(mon
     """Trigger ids agree between two replays from scratch (measured 99.8-100 % of ~500; a birthday
     coupon judged on a tier that reached triggers a hop late is the exception seen).
 
-    Notification decisions are identical for every trigger whose inputs reached notifications
-    identical in both runs (100 %, asserted): decided as of fired_at on the profile version in force
-    then, counting only the decisions before it, whichever of a trigger and a later profile arrived
-    first. Triggers whose inputs already differ upstream (see upstream_causes) are left out of the
-    assertion and counted: with identity's batch-folded profiles that is most customers in some pairs
-    of runs (5 of 13 measured: identity cut its batches differently in the two runs), none or a
-    merged pair in the others.
+    Notification decisions are identical (asserted) for every trigger of every customer whose
+    triggers both runs fired alike: decided as of fired_at on the profile version in force then,
+    counting only the decisions before it, whichever of a trigger and a later profile arrived first;
+    identity publishes a profile version per changing event and dates its tombstones. Only a
+    customer with a trigger fired in one run alone is excused (printed with its cause).
     """
     _, first, second = month
     triggers, t_diff = agreement(first["triggers"], second["triggers"])
     decisions, d_diff = agreement(first["decisions"], second["decisions"])
     causes = upstream_causes(first, second)
     fired = {**second["fired"], **first["fired"]}
-    compared = [tid for tid in fired if fired[tid]["customer_id"] not in causes]
+    excused = {cid for cid, cause in causes.items() if cause in ("triggers", "merged with triggers")}
+    compared = [tid for tid in fired if fired[tid]["customer_id"] not in excused]
     differ = [tid for tid in compared if first["decisions"].get(tid) != second["decisions"].get(tid)]
     left_out = Counter(causes[t["customer_id"]] for t in fired.values() if t["customer_id"] in causes)
     print(f"\nreplayed twice: {len(first['triggers'])} triggers, {triggers:.1%} identical "
           f"(differ: {[first['triggers'].get(k) or second['triggers'].get(k) for k in t_diff]}); "
           f"{len(first['decisions'])} decisions, {decisions:.1%} identical; "
-          f"{len(compared)} with identical inputs, {len(compared) - len(differ)} identical; "
-          f"left out by upstream cause: {dict(left_out)}")
+          f"{len(compared)} compared, {len(compared) - len(differ)} identical; "
+          f"upstream differences: {dict(left_out)}")
     for tid in d_diff[:15]:
         t = fired[tid]
         print(f"  {t['kind']} fired {t['fired_at']:%m-%d %H:%M:%S} "
               f"[{causes.get(t['customer_id'], 'no upstream cause')}]: "
               f"{first['decisions'].get(tid)} / {second['decisions'].get(tid)}")
     assert triggers >= 0.98, t_diff
-    assert len(compared) >= 10, "inputs differ upstream for almost every customer: nothing to compare"
+    assert len(compared) >= 0.9 * len(fired), "triggers differ for many customers: too little to compare"
     assert not differ, [(fired[t]["kind"], first["decisions"].get(t), second["decisions"].get(t),
                          first["history"].get(t), second["history"].get(t)) for t in differ]
