@@ -14,9 +14,18 @@ from services.notifications.policy import NotificationRules
 from services.notifications.providers import ProviderConfig, build_providers
 from services.notifications.sender import Dispatcher
 from services.notifications.templates import Templates
+from shared.avro_reader import lean_decoder
 from shared.crypto import Vault
 from shared.runtime import Runtime
-from shared.topics import IDENTITY_MERGES, IDENTITY_PROFILES, INGEST_STORES, TRIGGERS_FIRED
+from shared.topics import (
+    IDENTITY_MERGES,
+    IDENTITY_PROFILES,
+    INGEST_STORES,
+    MERGE,
+    PROFILE,
+    TRIGGER,
+    TRIGGERS_FIRED,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +41,8 @@ def build(runtime: Runtime, config: ProviderConfig | None = None) -> FastAPI:
     handler = NotificationHandler(codec=runtime.codec, clock=runtime.clock, rules=rules,
                                   templates=templates, metrics=metrics,
                                   save_watermark=runtime.save_watermark, vault=vault)
-    runtime.consume([TRIGGERS_FIRED, IDENTITY_PROFILES, IDENTITY_MERGES, INGEST_STORES], handler)
+    runtime.consume([TRIGGERS_FIRED, IDENTITY_PROFILES, IDENTITY_MERGES, INGEST_STORES], handler,
+                    decoder=lean_decoder(runtime.codec, (TRIGGER, PROFILE, MERGE)))
     holder: dict[str, Dispatcher] = {}
 
     async def dispatch() -> None:

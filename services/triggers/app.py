@@ -9,8 +9,10 @@ from fastapi import FastAPI
 from services.triggers.api import add_routes
 from services.triggers.handlers import INPUT_TOPICS, TriggersHandler
 from services.triggers.rules import RuleConfig
+from shared.avro_reader import lean_decoder
 from shared.clock import EventClock
 from shared.runtime import Runtime
+from shared.topics import LOYALTY, PROFILE, RESOLVED
 
 
 def build(runtime: Runtime) -> FastAPI:
@@ -20,7 +22,8 @@ def build(runtime: Runtime) -> FastAPI:
     handler = TriggersHandler(codec=runtime.codec, cfg=cfg, clock=runtime.clock, event_clock=event_clock,
                               save_watermark=runtime.save_watermark, metrics=runtime.metrics,
                               scan_interval=interval, partitions=runtime.settings.partitions)
-    runtime.consume(list(INPUT_TOPICS), handler)
+    runtime.consume(list(INPUT_TOPICS), handler,
+                    decoder=lean_decoder(runtime.codec, (RESOLVED, PROFILE, LOYALTY)))
 
     def pool():
         assert runtime.pool is not None, "runtime not open"

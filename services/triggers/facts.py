@@ -109,6 +109,9 @@ class CustomerFacts:
     home_store_tz: str | None = None
     home_store_lat: float | None = None
     home_store_lon: float | None = None
+    # -- not a fact: the rows these facts were read from (store.load_facts), so store.save_facts
+    # writes only what changed; None when unknown (every row is written).
+    stored: Any = field(default=None, repr=False, compare=False)
 
     @property
     def birthday_month_day(self) -> tuple[int, int] | None:

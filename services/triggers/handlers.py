@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import hashlib
 import logging
 import time
 import zoneinfo
@@ -38,8 +37,8 @@ from services.triggers.segments import compile_segment
 from shared.avro import AvroCodec
 from shared.batch_consumer import Record
 from shared.clock import Clock
+from shared.ids import uuid5
 from shared.metrics import ServiceMetrics
-from shared.outbox import OutboxMessage, add_to_outbox
 from shared.topics import (
     IDENTITY_EVENTS,
     IDENTITY_MERGES,
@@ -148,7 +147,8 @@ class TriggersHandler:
                 rows.append(("identity", ev["event_id"], r.value["customer_id"], ev["occurred_at"], r.raw or b""))
             elif r.topic == self.t_loyalty and r.value is not None:
                 rows.append(("loyalty", r.value["event_id"], r.value["customer_id"], r.value["occurred_at"], r.raw or b""))
-        new = await store.insert_events(conn, rows)
+        # Events resolved before a merge that we applied already belong to the survivor now.
+        new, alias = await store.insert_events_and_aliases(conn, rows)
 
         ids: set[str] = set()
         store_ids: set[str] = set()
@@ -167,11 +167,9 @@ class TriggersHandler:
                     store_ids.add(v.get("home_store_id") or "")
             elif r.topic == self.t_merges and v is not None:
                 ids.update((v["survivor"], v["merged"]))
-        # Events resolved before a merge that we applied already belong to the survivor now.
-        alias = await store.survivors_of(conn, [r.value["customer_id"] for r in records if r.value is not None
-                                                and r.topic in (self.t_events, self.t_loyalty)])
         ids.update(alias.values())
-        facts: dict[str, CustomerFacts | None] = dict(await store.load_facts(conn, ids))
+        loaded = await store.load_facts(conn, ids)
+        facts: dict[str, CustomerFacts | None] = dict(loaded)
         stores = await store.load_stores(conn, store_ids)
 
         touched: set[str] = set()
@@ -183,8 +181,8 @@ class TriggersHandler:
 
         def live(cid: str) -> CustomerFacts:
             f = facts.get(cid)
-            if f is None:
-                f = facts[cid] = CustomerFacts(cid)
+            if f is None:  # new, or gone earlier in this batch (its rows may still be there)
+                f = facts[cid] = CustomerFacts(cid, stored=None if cid in loaded else store.ABSENT)
             touched.add(cid)
             deleted.discard(cid)
             return f
@@ -388,17 +386,18 @@ class TriggersHandler:
     # -- firing --------------------------------------------------------------------------------
     async def fire(self, conn: asyncpg.Connection, triggers: Sequence[Trigger]) -> list[Trigger]:
         """Record triggers; the ones new by trigger_id go to `triggers.fired.v1` through the outbox."""
-        new = await store.record_fired(conn, triggers)
-        await add_to_outbox(conn, [OutboxMessage(self.t_fired, t.customer_id, encode_trigger(self.codec, t))
-                                   for t in new])
-        if self._fired is not None:
+        new = await store.record_fired(conn, triggers, topic=self.t_fired, encode=self._encoder.trigger)
+        if self._fired is not None and new:
+            counts: dict[str, int] = {}
             for t in new:
-                self._fired.labels(kind=t.kind).inc()
+                counts[t.kind] = counts.get(t.kind, 0) + 1
+            for kind, n in counts.items():
+                self._fired.labels(kind=kind).inc(n)
         return new
 
     # -- time-based scan -------------------------------------------------------------------------
     async def scan(self, conn: asyncpg.Connection, now: dt.datetime, *,
-                   since: dt.datetime | None = None, chunk: int = 50_000, pool: asyncpg.Pool | None = None,
+                   since: dt.datetime | None = None, chunk: int = 100_000, pool: asyncpg.Pool | None = None,
                    connections: int = 2) -> int:
         """Fire the time-based rules due at `now`: set-based SQL picks candidates, the rules decide.
 
@@ -490,6 +489,8 @@ class TriggersHandler:
         """The SQL rules over `ids` (inside the caller's transaction); the rest by the Python rules.
 
         Customers whose facts a concurrent batch changed meanwhile are judged again by the Python rules.
+        Triggers are decided and marked in the facts in one statement, encoded here, and recorded
+        with their outbox rows in a second.
         """
         cfg = self.cfg
         rows = await store.scan_due_sql(conn, ids, now, cfg, *zones)
@@ -500,11 +501,11 @@ class TriggersHandler:
         winback_expires = now + dt.timedelta(days=cfg.win_back_valid_days)
         winback_offer = (self._descriptions["win_back"], cfg.win_back_amount, cfg.win_back_min_spend,
                          cfg.currency, _millis(winback_expires))
-        encoded: list[tuple[int, str, str | None, bytes]] = []
-        rules_ids: list[str] = []
-        for rn, cid, kind, period, occurred_ms, keys, values, expires_ms in rows:
-            if kind is None:
-                rules_ids.append(cid)
+        encoded: list[tuple[int, str, str | None, bytes, bytes]] = []
+        rules_ids = {r[1] for r in rows if r[2] is None}  # the SQL cannot judge them, or their facts changed
+        context_keys = store.SCAN_CONTEXT_KEYS
+        for rn, cid, kind, period, occurred_ms, values, expires_ms in rows:
+            if kind is None or cid in rules_ids:
                 continue
             tid = _trigger_id(f"{kind}\x1f{cid}\x1f{period}")
             code = offer = None
@@ -514,17 +515,16 @@ class TriggersHandler:
             elif kind == "win_back":
                 code = "BACK-" + tid.replace("-", "")[:10].upper()
                 offer = (code, *winback_offer)
-            encoded.append((rn, tid, code, enc.encode(tid, kind, cid, fired_ms, period, keys, values, offer,
-                                                      occurred_ms)))
-        counts, stale = await store.fire_scan_due(conn, encoded, now, cfg, self._descriptions, winback_expires,
-                                                  self.t_fired)
-        rules_ids += stale
+            encoded.append((rn, tid, code, cid.encode(), enc.encode(tid, kind, cid, fired_ms, period, context_keys[kind],
+                                                                    values, offer, occurred_ms)))
+        counts = await store.fire_scan_due(conn, encoded, now, cfg, self._descriptions, winback_expires, self.t_fired,
+                                           sorted(rules_ids))
         if self._fired is not None:
             for kind, n in counts.items():
                 self._fired.labels(kind=kind).inc(n)
         fired = sum(counts.values())
         if rules_ids:
-            fired += await self._scan_rules(conn, sorted(set(rules_ids)), now)
+            fired += await self._scan_rules(conn, sorted(rules_ids), now)
         return fired
 
     async def scheduled_scan(self, pool: asyncpg.Pool) -> int:
@@ -597,12 +597,8 @@ _UUID_NAMESPACE = R.NAMESPACE.bytes
 
 
 def _trigger_id(name: str) -> str:
-    """rules.trigger_id for the name kind\x1fcustomer_id\x1fperiod (uuid5), without uuid objects."""
-    h = bytearray(hashlib.sha1(_UUID_NAMESPACE + name.encode()).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50
-    h[8] = (h[8] & 0x3F) | 0x80
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    """rules.trigger_id for the name kind\x1fcustomer_id\x1fperiod (uuid5)."""
+    return uuid5(_UUID_NAMESPACE, name)
 
 
 _SMALL_LONGS = [bytes([i << 1]) for i in range(64)]
@@ -652,7 +648,7 @@ def _avro_str_repeated(s: str) -> bytes:
 
 
 class _TriggerEncoder:
-    """`triggers.fired.v1` values of scan rows, byte for byte what encode_trigger writes.
+    """`triggers.fired.v1` values of scan rows and fired triggers, byte for byte what encode_trigger writes.
 
     A tight encoder for the current TriggerFired schema; it checks itself against the codec at
     start and, should the schema have moved on, encodes through the codec instead.
@@ -666,22 +662,38 @@ class _TriggerEncoder:
         sample = R.make_trigger("win_back", "c\u00e9-1", "2026-01-01T00:00:00+00:00", EPOCH + dt.timedelta(days=20000),
                                 context={"a": "x", "days": 120}, occurred_at=EPOCH - dt.timedelta(milliseconds=1500),
                                 offer=R.Offer("BACK-1", "d\u00e9", 2000, 0, "USD", EPOCH + dt.timedelta(days=9)))
-        for t in (sample, dataclasses.replace(sample, context={}, offer=None)):
-            o = t.offer
-            mine = self.encode(t.trigger_id, t.kind, t.customer_id, _millis(t.fired_at), t.period,
-                               list(t.context), list(t.context.values()),
-                               (o.code, o.description, o.amount, o.min_spend, o.currency, _millis(o.expires_at))
-                               if o else None, _millis(t.occurred_at))
-            if mine != encode_trigger(codec, t):
+        for t in (sample, dataclasses.replace(sample, context={}, offer=None),
+                  dataclasses.replace(sample, cause_event_id="ev-\u00e9", occurred_at=None)):
+            if self._encode(t) != encode_trigger(codec, t):
                 self.fast = False
 
+    def _encode(self, t: Trigger) -> bytes:
+        o = t.offer
+        return self.encode(t.trigger_id, t.kind, t.customer_id, _millis(t.fired_at), t.period,
+                           list(t.context), list(t.context.values()),
+                           (o.code, o.description, o.amount, o.min_spend, o.currency, _millis(o.expires_at))
+                           if o else None, None if t.occurred_at is None else _millis(t.occurred_at),
+                           cause_event_id=t.cause_event_id)
+
+    def trigger(self, t: Trigger) -> bytes:
+        """encode_trigger(codec, t): the tight way for the values it writes (strings in the context,
+        aware datetimes), through the codec for anything else."""
+        if self.fast and all(v.__class__ is str for v in t.context.values()):
+            try:
+                return self._encode(t)
+            except (TypeError, AttributeError, ValueError, OverflowError):
+                pass  # a value the codec takes otherwise (or refuses, with its own error)
+        return encode_trigger(self.codec, t)
+
     def encode(self, tid: str, kind: str, customer_id: str, fired_ms: int, period: str, keys: Sequence[str],
-               values: Sequence[str | None], offer: tuple | None, occurred_ms: int) -> bytes:
+               values: Sequence[str | None], offer: tuple | None, occurred_ms: int | None, *,
+               cause_event_id: str | None = None) -> bytes:
         pairs = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
         if not self.fast:
             return self.codec.encode(TRIGGER, {
                 "trigger_id": tid, "kind": kind, "customer_id": customer_id, "fired_at": fired_ms,
-                "period": period, "context": dict(pairs), "cause_event_id": None, "occurred_at": occurred_ms,
+                "period": period, "context": dict(pairs), "cause_event_id": cause_event_id,
+                "occurred_at": occurred_ms,
                 "offer": None if offer is None else dict(zip(
                     ("code", "description", "amount", "min_spend", "currency", "expires_at"), offer, strict=True))})
         rep = _avro_str_repeated
@@ -706,8 +718,14 @@ class _TriggerEncoder:
                     self._tails.clear()
                 self._tails[rest] = tail
             parts += [b"\x02", _avro_str(code), tail]
-        parts.append(b"\x00\x02")  # cause_event_id null, occurred_at present
-        parts.append(_avro_long_repeated(occurred_ms))
+        if cause_event_id is None:
+            parts.append(b"\x00")
+        else:
+            parts += [b"\x02", _avro_str(cause_event_id)]
+        if occurred_ms is None:
+            parts.append(b"\x00")
+        else:
+            parts += [b"\x02", _avro_long_repeated(occurred_ms)]
         return b"".join(parts)
 
 

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.triggers.facts import CategoryHistory, CustomerFacts, Store
 from services.triggers.money import Money, to_decimal_string, to_minor
+from shared.ids import uuid5
 
 UTC = dt.UTC
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://omnicrm/triggers")
@@ -59,9 +60,12 @@ class Trigger:
     occurred_at: dt.datetime | None = None  # the cause's time (event time or due time)
 
 
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+
 def trigger_id(kind: str, customer_id: str, period: str) -> str:
     """The deterministic id: the same trigger in the same period always has the same id."""
-    return str(uuid.uuid5(NAMESPACE, f"{kind}\x1f{customer_id}\x1f{period}"))
+    return uuid5(_NAMESPACE_BYTES, f"{kind}\x1f{customer_id}\x1f{period}")
 
 
 def make_trigger(kind: str, customer_id: str, period: str, fired_at: dt.datetime, *,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import orjson
 
 from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointLot, Store
 from services.triggers.money import exponent
@@ -17,25 +19,77 @@ UTC = dt.UTC
 
 # -- facts -------------------------------------------------------------------------------------
 
-_LOAD_FACTS = """
-SELECT f.*, s.timezone AS hs_tz, s.lat AS hs_lat, s.lon AS hs_lon
+# The customer_facts columns save_facts writes, in _facts_row order (updated_at aside).
+_FACTS_COLUMNS = (
+    "customer_id", "birthday", "birthday_month", "birthday_day", "locale", "timezone", "home_store_id", "city",
+    "country", "lat", "lon", "tags", "consents", "consented_channels", "preferred_channel", "profile_version",
+    "profile_at", "last_event_at", "first_seen_at", "signed_up_at", "first_purchase_at", "last_purchase_at",
+    "orders_count", "lifetime_spend", "tier", "tier_at", "winback_due_at", "winback_fired_for",
+    "birthday_fired_for", "points_fired_for")
+_N_FACTS = len(_FACTS_COLUMNS)
+
+_LOAD_FACTS = f"""
+SELECT {", ".join("f." + c for c in _FACTS_COLUMNS)}, s.timezone AS hs_tz, s.lat AS hs_lat, s.lon AS hs_lon
 FROM customer_facts f LEFT JOIN stores s ON s.store_id = f.home_store_id
 WHERE f.customer_id = ANY($1::text[])
 ORDER BY f.customer_id
 """
 
+# Every cart (whatever its status: save_facts replaces them all), category and points lot of the
+# customers, in one statement: t 0 cart, 1 category, 2 lot; lots in (expires_at, lot_id) order.
+_LOAD_CHILDREN = """
+SELECT 0 AS t, customer_id, cart_id AS k, last_activity_at AS a, due_at AS b, NULL::timestamptz AS c,
+       items::bigint AS n, total AS m, category AS s1, sku AS s2, status AS s3, NULL::timestamptz[] AS p
+FROM carts WHERE customer_id = ANY($1::text[])
+UNION ALL
+SELECT 1, customer_id, category, last_at, remind_at, reminded_for, quantity, NULL, NULL, NULL, NULL, purchases
+FROM category_facts WHERE customer_id = ANY($1::text[])
+UNION ALL
+SELECT 2, customer_id, lot_id, expires_at, NULL, NULL, points, NULL, order_id, NULL, NULL, NULL
+FROM point_lots WHERE customer_id = ANY($1::text[])
+ORDER BY 1, 4, 3
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFacts:
+    """The rows of one customer as load_facts read them (row None: no customer_facts row).
+
+    Rows are what save_facts would write for them: `row` as _facts_row gives it; carts by cart_id
+    (last_activity_at, due_at, items, total, category, sku, status); categories by name (purchases
+    tuple, quantity, last_at, remind_at, reminded_for); lots by lot_id (points, expires_at, order_id).
+    Never changed, also not by a save: saving the same facts again writes the same rows again
+    (idempotent), and facts built rather than read (stored None) are written whole wherever saved.
+    """
+
+    row: tuple | None
+    carts: Mapping[str, tuple]
+    categories: Mapping[str, tuple]
+    lots: Mapping[str, tuple]
+
+
+# A customer load_facts looked for and did not find: no rows anywhere (delete_facts and save_facts
+# keep a customer's child rows with its customer_facts row).
+ABSENT = StoredFacts(None, {}, {}, {})
+
 
 async def load_facts(conn: asyncpg.Connection, ids: Iterable[str], *,
                      lock: bool = True) -> dict[str, CustomerFacts]:
-    """Facts of `ids` that exist, with their open carts, categories and points lots (rows locked)."""
+    """Facts of `ids` that exist, with their open carts, categories and points lots (rows locked).
+
+    Each carries what was read (CustomerFacts.stored), so save_facts can write only what changed.
+    """
     wanted = sorted(set(ids))
     if not wanted:
         return {}
     sql = _LOAD_FACTS + (" FOR UPDATE OF f" if lock else "")
     facts: dict[str, CustomerFacts] = {}
+    rows: dict[str, tuple] = {}
     for r in await conn.fetch(sql, wanted):
-        facts[r["customer_id"]] = CustomerFacts(
-            customer_id=r["customer_id"], birthday=r["birthday"], locale=r["locale"],
+        cid = r["customer_id"]
+        rows[cid] = r[:_N_FACTS]
+        facts[cid] = CustomerFacts(
+            customer_id=cid, birthday=r["birthday"], locale=r["locale"],
             timezone=r["timezone"], home_store_id=r["home_store_id"], city=r["city"],
             country=r["country"], lat=r["lat"], lon=r["lon"], tags=list(r["tags"]),
             consents=dict(r["consents"] or {}), preferred_channel=r["preferred_channel"],
@@ -49,19 +103,23 @@ async def load_facts(conn: asyncpg.Connection, ids: Iterable[str], *,
             home_store_tz=r["hs_tz"], home_store_lat=r["hs_lat"], home_store_lon=r["hs_lon"])
     if not facts:
         return facts
-    present = list(facts)
-    for r in await conn.fetch(
-            "SELECT * FROM carts WHERE customer_id = ANY($1::text[]) AND status = 'open'", present):
-        facts[r["customer_id"]].carts[r["cart_id"]] = Cart(
-            r["cart_id"], r["last_activity_at"], r["items"], r["total"], r["category"], r["sku"],
-            r["status"])
-    for r in await conn.fetch("SELECT * FROM category_facts WHERE customer_id = ANY($1::text[])", present):
-        facts[r["customer_id"]].categories[r["category"]] = CategoryHistory(
-            r["category"], list(r["purchases"]), r["quantity"], r["reminded_for"])
-    for r in await conn.fetch(
-            "SELECT * FROM point_lots WHERE customer_id = ANY($1::text[]) ORDER BY expires_at, lot_id", present):
-        facts[r["customer_id"]].lots.append(
-            PointLot(r["lot_id"], r["points"], r["expires_at"], r["order_id"]))
+    carts: dict[str, dict[str, tuple]] = {cid: {} for cid in facts}
+    categories: dict[str, dict[str, tuple]] = {cid: {} for cid in facts}
+    lots: dict[str, dict[str, tuple]] = {cid: {} for cid in facts}
+    for t, cid, key, a, b, c, n, m, s1, s2, s3, p in await conn.fetch(_LOAD_CHILDREN, list(facts)):
+        f = facts[cid]
+        if t == 0:
+            carts[cid][key] = (a, b, n, m, s1, s2, s3)
+            if s3 == "open":  # the others are done with: the next save drops them
+                f.carts[key] = Cart(key, a, n, m, s1, s2, s3)
+        elif t == 1:
+            categories[cid][key] = (tuple(p), n, a, b, c)
+            f.categories[key] = CategoryHistory(key, list(p), n, c)
+        else:
+            lots[cid][key] = (n, a, s1)
+            f.lots.append(PointLot(key, n, a, s1))
+    for cid, f in facts.items():
+        f.stored = StoredFacts(rows[cid], carts[cid], categories[cid], lots[cid])
     return facts
 
 
@@ -71,8 +129,20 @@ INSERT INTO customer_facts (customer_id, birthday, birthday_month, birthday_day,
     profile_version, profile_at, last_event_at, first_seen_at, signed_up_at, first_purchase_at, last_purchase_at, orders_count,
     lifetime_spend, tier, tier_at, winback_due_at, winback_fired_for, birthday_fired_for, points_fired_for,
     updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-        $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, now())
+SELECT u.customer_id, u.birthday, u.bm, u.bd, u.locale, u.timezone, u.home_store_id, u.city, u.country,
+       u.lat, u.lon, u.tags::text[], u.consents::jsonb, u.channels::text[], u.preferred_channel,
+       u.profile_version, u.profile_at, u.last_event_at, u.first_seen_at, u.signed_up_at, u.first_purchase_at,
+       u.last_purchase_at, u.orders_count, u.lifetime_spend, u.tier, u.tier_at, u.winback_due_at,
+       u.winback_fired_for, u.birthday_fired_for, u.points_fired_for, now()
+FROM unnest($1::text[], $2::text[], $3::smallint[], $4::smallint[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::float8[], $11::float8[], $12::text[], $13::text[], $14::text[],
+            $15::text[], $16::bigint[], $17::timestamptz[], $18::timestamptz[], $19::timestamptz[],
+            $20::timestamptz[], $21::timestamptz[], $22::timestamptz[], $23::int[], $24::bigint[], $25::text[],
+            $26::timestamptz[], $27::timestamptz[], $28::timestamptz[], $29::int[], $30::text[])
+    AS u(customer_id, birthday, bm, bd, locale, timezone, home_store_id, city, country, lat, lon, tags,
+         consents, channels, preferred_channel, profile_version, profile_at, last_event_at, first_seen_at,
+         signed_up_at, first_purchase_at, last_purchase_at, orders_count, lifetime_spend, tier, tier_at,
+         winback_due_at, winback_fired_for, birthday_fired_for, points_fired_for)
 ON CONFLICT (customer_id) DO UPDATE SET
     birthday = EXCLUDED.birthday, birthday_month = EXCLUDED.birthday_month,
     birthday_day = EXCLUDED.birthday_day, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone,
@@ -88,6 +158,57 @@ ON CONFLICT (customer_id) DO UPDATE SET
     birthday_fired_for = EXCLUDED.birthday_fired_for, points_fired_for = EXCLUDED.points_fired_for,
     updated_at = now()
 """
+# A customer whose carts, categories or lots changed and whose own row did not gets a new row version
+# all the same: that is how the SQL scan (fire_scan_due) recognises facts changed since it read them.
+_TOUCH_FACTS = "UPDATE customer_facts SET updated_at = now() WHERE customer_id = ANY($1::text[])"
+# Rows that went, by key, and rows new or changed, per child table. One statement per part that has
+# rows (a single statement of them all costs PostgreSQL more to plan than the parts to run).
+_CHILDREN_GONE = {
+    table: f"DELETE FROM {table} t USING unnest($1::text[], $2::text[]) AS d(c, k) "
+           f"WHERE t.customer_id = d.c AND t.{key} = d.k"
+    for table, key in (("carts", "cart_id"), ("category_facts", "category"), ("point_lots", "lot_id"))}
+_CHILDREN_PUT = {
+    "carts": """
+INSERT INTO carts (customer_id, cart_id, last_activity_at, due_at, items, total, category, sku, status)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[], $6::bigint[],
+                     $7::text[], $8::text[], $9::text[])
+ON CONFLICT (customer_id, cart_id) DO UPDATE SET last_activity_at = EXCLUDED.last_activity_at,
+    due_at = EXCLUDED.due_at, items = EXCLUDED.items, total = EXCLUDED.total, category = EXCLUDED.category,
+    sku = EXCLUDED.sku, status = EXCLUDED.status
+""",
+    "category_facts": """
+INSERT INTO category_facts (customer_id, category, purchases, quantity, last_at, remind_at, reminded_for)
+SELECT u.c, u.k, u.p::timestamptz[], u.q, u.l, u.r, u.rf
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[], $6::timestamptz[],
+            $7::timestamptz[]) AS u(c, k, p, q, l, r, rf)
+ON CONFLICT (customer_id, category) DO UPDATE SET purchases = EXCLUDED.purchases,
+    quantity = EXCLUDED.quantity, last_at = EXCLUDED.last_at, remind_at = EXCLUDED.remind_at,
+    reminded_for = EXCLUDED.reminded_for
+""",
+    "point_lots": """
+INSERT INTO point_lots (customer_id, lot_id, points, expires_at, order_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[])
+ON CONFLICT (customer_id, lot_id) DO UPDATE SET points = EXCLUDED.points, expires_at = EXCLUDED.expires_at,
+    order_id = EXCLUDED.order_id
+"""}
+_WIPE_CHILDREN = """
+WITH carts_gone AS (DELETE FROM carts WHERE customer_id = ANY($1::text[])),
+     categories_gone AS (DELETE FROM category_facts WHERE customer_id = ANY($1::text[]))
+DELETE FROM point_lots WHERE customer_id = ANY($1::text[])
+"""
+_CHILD_TABLES = ("carts", "category_facts", "point_lots")
+
+
+def _text_array(values: Iterable[str | None]) -> str:
+    """A text[] literal (every element quoted), for text[] values inside unnest'ed rows."""
+    parts = ["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values]
+    return "{" + ",".join(parts) + "}" if parts else "{}"
+
+
+def _timestamp_array(values: Iterable[dt.datetime]) -> str:
+    """A timestamptz[] literal: ISO 8601 with the offset, an exact instant (naive ones taken as local
+    time, as asyncpg takes them)."""
+    return "{" + ",".join('"' + (v if v.tzinfo is not None else v.astimezone(UTC)).isoformat() + '"' for v in values) + "}"
 
 
 def _facts_row(f: CustomerFacts, cfg: RuleConfig) -> tuple:
@@ -101,39 +222,103 @@ def _facts_row(f: CustomerFacts, cfg: RuleConfig) -> tuple:
             f.winback_fired_for, f.birthday_fired_for, f.points_fired_for)
 
 
+def _child_rows(f: CustomerFacts, cfg: RuleConfig) -> tuple[dict[str, tuple], dict[str, tuple], dict[str, tuple]]:
+    """The carts, categories and lots rows save_facts keeps of `f`, keyed as in StoredFacts."""
+    after = cfg.cart_after
+    carts = {c.cart_id: (c.last_activity_at, c.last_activity_at + after, c.items, c.total, c.category, c.sku,
+                         c.status)
+             for c in f.carts.values() if c.status in ("open", "abandoned")}
+    categories = {h.category: (tuple(h.purchases), h.quantity, h.last_at, replenishment_remind_at(h, cfg),
+                               h.reminded_for)
+                  for h in f.categories.values()}
+    lots = {lot.lot_id: (lot.points, lot.expires_at, lot.order_id) for lot in f.lots if lot.points > 0}
+    return carts, categories, lots
+
+
+def _diff(cid: str, new: Mapping[str, tuple], old: Mapping[str, tuple],
+          put: list[tuple], gone: list[tuple[str, str]]) -> bool:
+    """Rows of `new` that `old` lacks or holds otherwise go to `put`, keys only `old` has to `gone`."""
+    if new == old:
+        return False
+    for key, row in new.items():
+        if old.get(key) != row:
+            put.append((cid, key, *row))
+    for key in old:
+        if key not in new:
+            gone.append((cid, key))
+    return True
+
+
+@dataclass(slots=True)
+class SavePlan:
+    """What save_facts writes: only what differs from what the facts were read from."""
+
+    rows: list[tuple] = field(default_factory=list)  # customer_facts rows to upsert
+    touch: list[str] = field(default_factory=list)  # customers whose only changes are child rows
+    wipe: list[str] = field(default_factory=list)  # customers read from nowhere: all child rows replaced
+    put: dict[str, list[tuple]] = field(  # per child table: (customer_id, key, *row) to upsert
+        default_factory=lambda: {table: [] for table in _CHILD_TABLES})
+    gone: dict[str, list[tuple[str, str]]] = field(  # per child table: (customer_id, key) to delete
+        default_factory=lambda: {table: [] for table in _CHILD_TABLES})
+
+
+def plan_save(facts: Sequence[CustomerFacts], cfg: RuleConfig) -> SavePlan:
+    """The writes that bring the database from each customer's `stored` rows to its facts (pure)."""
+    plan = SavePlan()
+    put, gone = plan.put, plan.gone
+    for f in facts:
+        cid = f.customer_id
+        row = _facts_row(f, cfg)
+        carts, categories, lots = _child_rows(f, cfg)
+        old = f.stored
+        if old is None:
+            plan.wipe.append(cid)
+            old = ABSENT
+        children = _diff(cid, carts, old.carts, put["carts"], gone["carts"])
+        children = _diff(cid, categories, old.categories, put["category_facts"], gone["category_facts"]) or children
+        children = _diff(cid, lots, old.lots, put["point_lots"], gone["point_lots"]) or children
+        if row != old.row:
+            plan.rows.append(row)
+        elif children:
+            plan.touch.append(cid)
+    return plan
+
+
 async def save_facts(conn: asyncpg.Connection, facts: Sequence[CustomerFacts], cfg: RuleConfig) -> None:
-    """Write facts and replace their carts, categories and lots (one statement per table)."""
+    """Write what changed of `facts` since load_facts read them; all of those it did not read.
+
+    The customer_facts row of a customer any of whose rows changed gets a new version (see
+    _TOUCH_FACTS); a customer nothing of which changed is not written at all.
+    """
     if not facts:
         return
-    ids = [f.customer_id for f in facts]
-    await conn.executemany(_UPSERT_FACTS, [_facts_row(f, cfg) for f in facts])
-    await conn.execute("DELETE FROM carts WHERE customer_id = ANY($1::text[])", ids)
-    await conn.execute("DELETE FROM category_facts WHERE customer_id = ANY($1::text[])", ids)
-    await conn.execute("DELETE FROM point_lots WHERE customer_id = ANY($1::text[])", ids)
-    carts = [(f.customer_id, c) for f in facts for c in f.carts.values() if c.status in ("open", "abandoned")]
-    if carts:
-        await conn.execute(
-            "INSERT INTO carts (customer_id, cart_id, last_activity_at, due_at, items, total, category, sku, status) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[], "
-            "$6::bigint[], $7::text[], $8::text[], $9::text[])",
-            [cid for cid, _ in carts], [c.cart_id for _, c in carts],
-            [c.last_activity_at for _, c in carts], [c.last_activity_at + cfg.cart_after for _, c in carts],
-            [c.items for _, c in carts], [c.total for _, c in carts], [c.category for _, c in carts],
-            [c.sku for _, c in carts], [c.status for _, c in carts])
-    categories = [(f.customer_id, h) for f in facts for h in f.categories.values()]
-    if categories:
-        await conn.executemany(
-            "INSERT INTO category_facts (customer_id, category, purchases, quantity, last_at, remind_at, reminded_for) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            [(cid, h.category, h.purchases, h.quantity, h.last_at, replenishment_remind_at(h, cfg),
-              h.reminded_for) for cid, h in categories])
-    lots = [(f.customer_id, lot) for f in facts for lot in f.lots if lot.points > 0]
-    if lots:
-        await conn.execute(
-            "INSERT INTO point_lots (customer_id, lot_id, points, expires_at, order_id) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[])",
-            [cid for cid, _ in lots], [lot.lot_id for _, lot in lots], [lot.points for _, lot in lots],
-            [lot.expires_at for _, lot in lots], [lot.order_id for _, lot in lots])
+    plan = plan_save(facts, cfg)
+    rows = plan.rows
+    if rows:
+        cols = [list(c) for c in zip(*rows, strict=True)]
+        cols[11] = [_text_array(v) for v in cols[11]]
+        cols[12] = [orjson.dumps(v).decode() if v else "{}" for v in cols[12]]
+        cols[13] = [_text_array(v) for v in cols[13]]
+        # A column of NULLs goes as an empty array: unnest pads the shorter arrays with NULLs (and
+        # asyncpg spends as much on encoding a NULL element as on a value).
+        await conn.execute(_UPSERT_FACTS, *(c if any(v is not None for v in c) else [] for c in cols))
+    if plan.wipe:  # customers read from nowhere: whatever child rows they have go first
+        await conn.execute(_WIPE_CHILDREN, plan.wipe)
+    if plan.touch:
+        await conn.execute(_TOUCH_FACTS, plan.touch)
+    for table in _CHILD_TABLES:
+        if plan.gone[table]:
+            await conn.execute(_CHILDREN_GONE[table], *_columns(plan.gone[table]))
+        if plan.put[table]:
+            cols = _columns(plan.put[table])
+            if table == "category_facts":
+                cols[2] = [_timestamp_array(p) for p in cols[2]]
+            await conn.execute(_CHILDREN_PUT[table], *cols)
+
+
+def _columns(rows: Sequence[tuple]) -> list[list]:
+    """Rows (at least one) as columns, for unnest."""
+    return [list(c) for c in zip(*rows, strict=True)]
 
 
 async def delete_facts(conn: asyncpg.Connection, ids: Sequence[str], *, purchases: bool = True) -> None:
@@ -199,6 +384,35 @@ async def insert_events(conn: asyncpg.Connection,
         [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
         [r[4] for r in rows])
     return {(r["source"], r["event_id"]) for r in got}
+
+
+# insert_events and, in the same statement, survivors_of for the events' owners.
+_INSERT_EVENTS_AND_ALIASES = """
+WITH RECURSIVE ins AS (
+    INSERT INTO customer_events (source, event_id, owner, occurred_at, raw)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[])
+    ON CONFLICT (source, event_id) DO NOTHING RETURNING source, event_id
+), up(start, id, depth) AS (
+    SELECT merged, survivor, 1 FROM merged_into WHERE merged = ANY($6::text[])
+    UNION ALL SELECT up.start, m.survivor, up.depth + 1 FROM up JOIN merged_into m ON m.merged = up.id
+    WHERE up.depth < 32
+)
+SELECT true AS new, source AS a, event_id AS b FROM ins
+UNION ALL
+SELECT * FROM (SELECT DISTINCT ON (start) false, start, id FROM up ORDER BY start, depth DESC) s
+"""
+
+
+async def insert_events_and_aliases(
+        conn: asyncpg.Connection, rows: Sequence[tuple[str, str, str, dt.datetime, bytes]],
+) -> tuple[set[tuple[str, str]], dict[str, str]]:
+    """insert_events(rows), and survivors_of the rows' owners, in one round trip."""
+    if not rows:
+        return set(), {}
+    got = await conn.fetch(
+        _INSERT_EVENTS_AND_ALIASES, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+        [r[3] for r in rows], [r[4] for r in rows], sorted({r[2] for r in rows}))
+    return ({(a, b) for new, a, b in got if new}, {a: b for new, a, b in got if not new})
 
 
 async def group_of(conn: asyncpg.Connection, head: str) -> list[str]:
@@ -319,23 +533,50 @@ def _offer_json(t: Trigger) -> dict[str, Any] | None:
             "min_spend": o.min_spend, "currency": o.currency, "expires_at": o.expires_at.isoformat()}
 
 
-async def record_fired(conn: asyncpg.Connection, triggers: Sequence[Trigger]) -> list[Trigger]:
-    """Insert triggers; returns those fired for the first time (the trigger_id key makes it once)."""
+_RECORD_FIRED = """
+INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, cause_event_id,
+                            context, offer)
+SELECT u.id, u.kind, u.cid, u.period, u.fired_at, u.occurred_at, u.cause, u.context::jsonb, u.offer::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[],
+            $8::text[], $9::text[]) AS u(id, kind, cid, period, fired_at, occurred_at, cause, context, offer)
+ON CONFLICT (trigger_id) DO NOTHING RETURNING trigger_id
+"""
+# The same, and the new ones' values into the outbox (in the order given), in one statement.
+_RECORD_AND_SEND = f"""
+WITH ins AS ({_RECORD_FIRED}), sent AS (
+    INSERT INTO outbox (topic, key, value)
+    SELECT $10::text, convert_to(u.cid, 'UTF8'), u.value
+    FROM unnest($1::uuid[], $3::text[], $11::bytea[]) WITH ORDINALITY AS u(trigger_id, cid, value, n)
+    JOIN ins USING (trigger_id)
+    ORDER BY u.n
+)
+SELECT trigger_id FROM ins
+"""
+
+
+async def record_fired(conn: asyncpg.Connection, triggers: Sequence[Trigger], *, topic: str | None = None,
+                       encode: Callable[[Trigger], bytes] | None = None) -> list[Trigger]:
+    """Insert triggers; returns those fired for the first time (the trigger_id key makes it once).
+
+    With `topic` (and `encode`), the first-time ones also go to the outbox for `topic`, keyed by
+    customer, in the same statement.
+    """
     if not triggers:
         return []
     unique: dict[str, Trigger] = {}
     for t in triggers:
         unique.setdefault(t.trigger_id, t)
     ts = list(unique.values())
-    rows = await conn.fetch(
-        "INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, "
-        "cause_event_id, context, offer) "
-        "SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], "
-        "$6::timestamptz[], $7::text[], $8::jsonb[], $9::jsonb[]) "
-        "ON CONFLICT (trigger_id) DO NOTHING RETURNING trigger_id",
-        [t.trigger_id for t in ts], [t.kind for t in ts], [t.customer_id for t in ts],
-        [t.period for t in ts], [t.fired_at for t in ts], [t.occurred_at for t in ts],
-        [t.cause_event_id for t in ts], [dict(t.context) for t in ts], [_offer_json(t) for t in ts])
+    dumps = orjson.dumps
+    args = [[t.trigger_id for t in ts], [t.kind for t in ts], [t.customer_id for t in ts],
+            [t.period for t in ts], [t.fired_at for t in ts], [t.occurred_at for t in ts],
+            [t.cause_event_id for t in ts], [dumps(dict(t.context)).decode() for t in ts],
+            [None if (o := _offer_json(t)) is None else dumps(o).decode() for t in ts]]
+    if topic is None:
+        rows = await conn.fetch(_RECORD_FIRED, *args)
+    else:
+        assert encode is not None, "an encoder for the outbox values"
+        rows = await conn.fetch(_RECORD_AND_SEND, *args, topic, [encode(t) for t in ts])
     new = {str(r["trigger_id"]) for r in rows}
     return [t for t in ts if t.trigger_id in new]
 
@@ -402,6 +643,37 @@ def birthday_window(as_of: dt.datetime, lower: dt.datetime, days_before: int) ->
     return months, days
 
 
+# A trigger due exactly its lateness ago still fires (rules._is_due): the lower bounds are inclusive.
+# The birthdays of the window's days are read through their index (OFFSET 0 keeps the planner from
+# scanning every customer for them); points expiring are grouped per customer before their facts are read.
+# One array, sorted bytewise (code point order, as Python sorts): cheaper to send and read than a row each.
+_CANDIDATES = """
+SELECT coalesce(array_agg(c.customer_id ORDER BY c.customer_id COLLATE "C"), '{}') FROM (
+SELECT customer_id
+FROM (SELECT DISTINCT m, d FROM unnest($1::smallint[], $2::smallint[]) AS w(m, d)) w
+CROSS JOIN LATERAL (SELECT customer_id, birthday_month, birthday_fired_for FROM customer_facts
+                    WHERE birthday_month = w.m AND birthday_day = w.d OFFSET 0) f
+WHERE (birthday_fired_for IS NULL
+       OR birthday_fired_for < $3 + CASE WHEN birthday_month = 1 AND $4 THEN 1 ELSE 0 END)
+UNION
+SELECT customer_id FROM customer_facts
+WHERE winback_due_at <= $5 AND winback_due_at >= $6
+  AND winback_fired_for IS DISTINCT FROM last_purchase_at
+UNION
+SELECT customer_id FROM carts WHERE status = 'open' AND due_at <= $5 AND due_at >= $7
+UNION
+SELECT customer_id FROM category_facts
+WHERE remind_at <= $5 AND remind_at >= $8 AND reminded_for IS DISTINCT FROM last_at
+UNION
+SELECT l.customer_id
+FROM (SELECT customer_id, max(expires_at) AS last FROM point_lots
+      WHERE expires_at > $10 AND expires_at <= $9 GROUP BY customer_id) l
+JOIN customer_facts f USING (customer_id)
+WHERE f.points_fired_for IS NULL OR f.points_fired_for < to_char(l.last + interval '14 hours', 'YYYY-MM')
+) c
+"""
+
+
 async def scan_candidates(conn: asyncpg.Connection, as_of: dt.datetime, cfg: RuleConfig,
                           since: dt.datetime | None = None) -> list[str]:
     """Customers for whom a time-based trigger may be due at `as_of` (the rules decide)."""
@@ -410,37 +682,19 @@ async def scan_candidates(conn: asyncpg.Connection, as_of: dt.datetime, cfg: Rul
         bound = as_of - cfg.lateness(kind)
         return min(bound, since) if since is not None else bound
 
-    months, days = birthday_window(as_of, lower("birthday_coupon"), cfg.birthday_days_before)
+    # Wall clock (no `since`), a birthday fires only while its window is open at `as_of`: the birthdays
+    # whose windows closed within the lateness are no candidates (without this, every scan re-read them).
+    birthdays_from = lower("birthday_coupon") if since is not None else as_of
+    months, days = birthday_window(as_of, birthdays_from, cfg.birthday_days_before)
     year = as_of.astimezone(UTC).year
     december = as_of.astimezone(UTC).month == 12
-    rows = await conn.fetch(
-        """
-        SELECT customer_id
-        FROM (SELECT DISTINCT m, d FROM unnest($1::smallint[], $2::smallint[]) AS w(m, d)) w
-        CROSS JOIN LATERAL (SELECT customer_id, birthday_month, birthday_fired_for FROM customer_facts
-                            WHERE birthday_month = w.m AND birthday_day = w.d) f  -- a plain join: parallel or indexed
-        WHERE (birthday_fired_for IS NULL
-               OR birthday_fired_for < $3 + CASE WHEN birthday_month = 1 AND $4 THEN 1 ELSE 0 END)
-        UNION
-        SELECT customer_id FROM customer_facts
-        WHERE winback_due_at <= $5 AND winback_due_at > $6
-          AND winback_fired_for IS DISTINCT FROM last_purchase_at
-        UNION
-        SELECT customer_id FROM carts WHERE status = 'open' AND due_at <= $5 AND due_at > $7
-        UNION
-        SELECT customer_id FROM category_facts
-        WHERE remind_at <= $5 AND remind_at > $8 AND reminded_for IS DISTINCT FROM last_at
-        UNION
-        SELECT l.customer_id FROM point_lots l JOIN customer_facts f USING (customer_id)
-        WHERE l.expires_at > $10 AND l.expires_at <= $9
-        GROUP BY l.customer_id, f.points_fired_for
-        HAVING f.points_fired_for IS NULL
-            OR f.points_fired_for < to_char(max(l.expires_at) + interval '14 hours', 'YYYY-MM')
-        """,
-        months, days, year, december, as_of, lower("win_back"), lower("abandoned_cart"),
-        lower("replenishment"), as_of + dt.timedelta(days=cfg.points_days_before),
-        min(as_of, since) if since is not None else as_of)
-    return sorted(r["customer_id"] for r in rows)
+    async with conn.transaction():
+        # No JIT (it spent a quarter of a second compiling this); memory to deduplicate in one pass.
+        await conn.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
+        return await conn.fetchval(
+            _CANDIDATES, months, days, year, december, as_of, lower("win_back"), lower("abandoned_cart"),
+            lower("replenishment"), as_of + dt.timedelta(days=cfg.points_days_before),
+            min(as_of, since) if since is not None else as_of)
 
 
 # -- campaigns ---------------------------------------------------------------------------------
@@ -522,20 +776,22 @@ _SCAN_TABLES = """
 DROP TABLE IF EXISTS pg_temp.scan_due, pg_temp.scan_enc;
 CREATE TEMP TABLE scan_due (
     rn bigint, customer_id text, kind text, period text, occurred_at timestamptz, ctx_keys text[],
-    ctx_vals text[], offer_expires timestamptz, category text, version xid, at tid) ON COMMIT DROP;
-CREATE TEMP TABLE scan_enc (rn bigint, trigger_id uuid, code text, value bytea) ON COMMIT DROP
+    ctx_vals text[], offer_expires timestamptz, category text) ON COMMIT DROP;
+CREATE TEMP TABLE scan_enc (rn bigint, trigger_id uuid, code text, key bytea, value bytea) ON COMMIT DROP
 """
 
+# Decides the chunk's due triggers and, in the same statement, marks them in the facts (what the Python
+# rules' mark_fired + save_facts remember) of the customers whose facts are still as read: a concurrent
+# batch that changed them meanwhile makes the update skip the row (its version moved on), and those
+# customers come back with kind NULL, as do the ones the SQL cannot judge, for the Python rules.
 _SCAN_DUE = """
-INSERT INTO scan_due
 WITH f AS MATERIALIZED (
     SELECT f.customer_id, f.xmin AS version, f.ctid AS at, f.birthday_month AS bm, f.birthday_day AS bd, f.birthday_fired_for,
            f.last_purchase_at, f.orders_count, f.winback_fired_for, f.points_fired_for, z.tz,
            ($2::timestamptz AT TIME ZONE coalesce(z.tz, 'UTC'))::date AS today
     FROM customer_facts f LEFT JOIN stores s ON s.store_id = f.home_store_id
     CROSS JOIN LATERAL (SELECT coalesce(nullif(f.timezone, ''), nullif(s.timezone, '')) AS n) nn
-    LEFT JOIN unnest($3::text[]) AS ok(name) ON ok.name = nn.n
-    CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN ok.name IS NOT NULL THEN nn.n END AS tz) z
+    CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN nn.n = ANY($3::text[]) THEN nn.n END AS tz) z
     WHERE f.customer_id = ANY($1::text[])  -- a hashed array or index scan in key order, not probes
 ),
 -- The chunk's bounds: candidates come sorted, so a chunk's children are one index range of each table
@@ -543,23 +799,27 @@ WITH f AS MATERIALIZED (
 lo AS MATERIALIZED (SELECT min(u) AS lo, max(u) AS hi FROM unnest($1::text[]) AS u),
 cat AS MATERIALIZED (
     SELECT c.customer_id, c.category, c.quantity, cardinality(c.purchases) AS n, c.remind_at,
-           c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today,
+           c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today, f.at, f.version,
            (SELECT u.d FROM unnest($13::text[], $14::int[]) AS u(name, d) WHERE u.name = c.category) AS cfg_days
     FROM category_facts c JOIN f USING (customer_id)
     WHERE c.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
 ),
-top AS MATERIALIZED (  -- CustomerFacts.most_bought_category
-    SELECT DISTINCT ON (c.customer_id) c.customer_id, c.category
-    FROM cat c ORDER BY c.customer_id, c.quantity DESC, c.n DESC, c.category COLLATE "C"
+top AS MATERIALIZED (  -- CustomerFacts.most_bought_category (ids grouped bytewise: cheaper, same groups)
+    SELECT DISTINCT ON (c.customer_id COLLATE "C") c.customer_id, c.category
+    FROM cat c ORDER BY c.customer_id COLLATE "C", c.quantity DESC, c.n DESC, c.category COLLATE "C"
 ),
-due AS (
+lots AS MATERIALIZED (
+    SELECT l.customer_id, l.points, l.expires_at FROM point_lots l
+    WHERE l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+),
+rules AS (
     -- birthday_coupon: [local midnight days_before the birthday, local midnight after it)
     SELECT f.customer_id, 0 AS rank, y.year::text COLLATE "C" AS sub, y.year::text AS period,
            m.due AS occurred_at,
-           ARRAY['birthday', 'days_until', 'timezone'] AS ctx_keys,
+           $22::text[] AS ctx_keys,
            ARRAY[to_char(b.bday, 'YYYY-MM-DD'), (b.bday - f.today)::text, f.tz] AS ctx_vals,
            triggers_local_midnight(b.bday - $9::int + $10::int, f.tz) AS offer_expires,
-           NULL::text AS category
+           NULL::text AS category, f.at, f.version  -- the facts row version read, for the marks
     FROM f
     CROSS JOIN LATERAL generate_series(extract(year FROM f.today)::int - 1,
                                        extract(year FROM f.today)::int + 1) AS y(year)
@@ -575,11 +835,11 @@ due AS (
     UNION ALL
     -- win_back: once per last purchase, lapse_days after it
     SELECT f.customer_id, 1, '', triggers_iso_utc(f.last_purchase_at), f.last_purchase_at + $5::interval,
-           ARRAY['days_since_last_purchase', 'last_purchase_date', 'category', 'orders_count'],
+           $23::text[],
            ARRAY[floor(extract(epoch FROM $2 - f.last_purchase_at) / 86400)::bigint::text,
                  to_char((f.last_purchase_at AT TIME ZONE f.tz)::date, 'YYYY-MM-DD'),
                  t.category, f.orders_count::text],
-           NULL::timestamptz, NULL
+           NULL::timestamptz, NULL, f.at, f.version
     FROM f LEFT JOIN top t USING (customer_id)
     WHERE f.tz IS NOT NULL AND f.orders_count >= 1 AND f.last_purchase_at IS NOT NULL
       AND f.winback_fired_for IS DISTINCT FROM f.last_purchase_at
@@ -587,11 +847,11 @@ due AS (
     UNION ALL
     -- abandoned_cart: once per open cart, after_minutes after its last activity
     SELECT f.customer_id, 2, k.cart_id COLLATE "C", k.cart_id, k.last_activity_at + $7::interval,
-           ARRAY['cart_id', 'items', 'cart_total', 'currency', 'category', 'sku', 'minutes_since_activity'],
+           $24::text[],
            ARRAY[k.cart_id, k.items::text,
                  round(k.total::numeric / (10::numeric ^ $18::int), $18::int)::text, $19::text,
                  k.category, k.sku, floor(extract(epoch FROM $2 - k.last_activity_at) / 60)::bigint::text],
-           NULL, NULL
+           NULL, NULL, f.at, f.version
     FROM carts k JOIN f USING (customer_id)
     WHERE k.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo) AND f.tz IS NOT NULL AND k.status = 'open'
       AND k.last_activity_at + $7::interval <= $2 AND k.last_activity_at + $7::interval + $8::interval >= $2
@@ -599,12 +859,12 @@ due AS (
     -- replenishment with the category's configured cycle (fewer purchases than min_purchases)
     SELECT c.customer_id, 3, c.category COLLATE "C", c.category || ':' || triggers_iso_utc(c.last),
            c.last + c.cfg_days * interval '1 day' - $11::int * interval '1 day',
-           ARRAY['category', 'cycle_days', 'due_date', 'last_purchase_date', 'days_since_last_purchase'],
+           $25::text[],
            ARRAY[c.category, c.cfg_days::text,
                  to_char(((c.last + c.cfg_days * interval '1 day') AT TIME ZONE c.tz)::date, 'YYYY-MM-DD'),
                  to_char((c.last AT TIME ZONE c.tz)::date, 'YYYY-MM-DD'),
                  floor(extract(epoch FROM $2 - c.last) / 86400)::bigint::text],
-           NULL, c.category
+           NULL, c.category, c.at, c.version
     FROM cat c
     WHERE c.tz IS NOT NULL AND c.n > 0 AND c.n < $12::int AND c.cfg_days <> 0
       AND c.reminded_for IS DISTINCT FROM c.last
@@ -613,18 +873,20 @@ due AS (
     UNION ALL
     -- points_expiring: per local month of expiry, days_before the first lot of it expires
     SELECT p.customer_id, 4, p.month COLLATE "C", p.month, p.first - $16::int * interval '1 day',
-           ARRAY['points', 'expires_at', 'expires_date', 'points_balance'],
+           $26::text[],
            ARRAY[p.points::text, triggers_iso_utc(p.first), to_char((p.first AT TIME ZONE p.tz)::date, 'YYYY-MM-DD'),
-                 p.balance::text],
-           NULL, NULL
-    FROM (SELECT l.customer_id, l.tz, l.points_fired_for, to_char(l.expires_at AT TIME ZONE l.tz, 'YYYY-MM') AS month,
-                 sum(l.points) AS points, min(l.expires_at) AS first, max(l.balance) AS balance
-          FROM (SELECT l.customer_id, l.points, l.expires_at, f.tz, f.points_fired_for,
-                       sum(l.points) OVER (PARTITION BY l.customer_id) AS balance  -- CustomerFacts.points_open
-                FROM point_lots l JOIN f USING (customer_id)
-                WHERE l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo) AND f.tz IS NOT NULL) l
-          WHERE l.points > 0 AND l.expires_at > $2
-          GROUP BY l.customer_id, l.tz, l.points_fired_for, 4) p
+                 b.balance::text],
+           NULL, NULL, p.at, p.version
+    FROM (SELECT l.customer_id, f.tz, f.points_fired_for, f.at, f.version,
+                 to_char(l.expires_at AT TIME ZONE f.tz, 'YYYY-MM') AS month, sum(l.points) AS points,
+                 min(l.expires_at) AS first
+          FROM lots l JOIN f USING (customer_id)
+          WHERE f.tz IS NOT NULL AND l.points > 0 AND l.expires_at > $2
+            -- a lot expiring later is in no month whose first lot is due (a month is under 32 days)
+            AND l.expires_at <= $2 + ($16::int + 32) * interval '1 day'
+          GROUP BY l.customer_id, f.tz, f.points_fired_for, f.at, f.version, 6) p
+    JOIN (SELECT customer_id, sum(points) AS balance FROM lots GROUP BY customer_id) b  -- CustomerFacts.points_open
+        USING (customer_id)
     WHERE (p.points_fired_for IS NULL OR p.points_fired_for COLLATE "C" < p.month COLLATE "C")
       AND p.points >= $17::int AND p.first - $16::int * interval '1 day' <= $2
 ),
@@ -633,17 +895,49 @@ py AS MATERIALIZED (
     UNION
     SELECT c.customer_id FROM cat c WHERE c.n >= $12::int AND c.reminded_for IS DISTINCT FROM c.last
       AND c.remind_at <= $2 AND c.remind_at + $15::interval >= $2
+),
+due AS MATERIALIZED (  -- what fires, of the customers the SQL judges
+    SELECT r.* FROM rules r WHERE NOT EXISTS (SELECT 1 FROM py WHERE py.customer_id = r.customer_id)
+),
+m AS MATERIALIZED (  -- per customer: what rules.mark_fired remembers, and the facts row version read
+    SELECT d.customer_id, d.at, d.version, max(d.period::int) FILTER (WHERE d.rank = 0) AS year,
+           bool_or(d.rank = 1) AS winback, max(d.period COLLATE "C") FILTER (WHERE d.rank = 4) AS month
+    FROM due d GROUP BY d.customer_id, d.at, d.version
+),
+marked AS (  -- only where the facts row is still the version read: one fetch by its ctid each (the row
+             -- version, ctid and xmin, names the customer: no key lookup)
+    UPDATE customer_facts c SET
+        birthday_fired_for = CASE WHEN m.year IS NULL THEN c.birthday_fired_for
+                                  ELSE greatest(coalesce(c.birthday_fired_for, 0), m.year) END,
+        winback_fired_for = CASE WHEN m.winback THEN c.last_purchase_at ELSE c.winback_fired_for END,
+        points_fired_for = CASE WHEN m.month IS NULL THEN c.points_fired_for
+                                ELSE greatest(coalesce(c.points_fired_for, '') COLLATE "C", m.month COLLATE "C") END,
+        updated_at = now()
+    FROM m
+    WHERE c.ctid = m.at AND c.xmin = m.version
+    RETURNING c.customer_id
+),
+kept AS (  -- in scan order (per customer: kind, then period); the changed customers' rows are not encoded
+    INSERT INTO scan_due
+    SELECT row_number() OVER (ORDER BY d.customer_id COLLATE "C", d.rank, d.sub), d.customer_id,
+           (ARRAY['birthday_coupon', 'win_back', 'abandoned_cart', 'replenishment', 'points_expiring'])[d.rank + 1],
+           d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires, d.category
+    FROM due d
+    RETURNING rn, customer_id, kind, period, triggers_epoch_ms(occurred_at) AS occurred_ms, ctx_vals,
+              triggers_epoch_ms(offer_expires) AS expires_ms
 )
-SELECT row_number() OVER (ORDER BY d.customer_id, d.rank, d.sub), d.customer_id,
-       (ARRAY['birthday_coupon', 'win_back', 'abandoned_cart', 'replenishment', 'points_expiring'])[d.rank + 1],
-       d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires, d.category, f.version, f.at
-FROM due d JOIN f USING (customer_id) WHERE NOT EXISTS (SELECT 1 FROM py WHERE py.customer_id = d.customer_id)
+SELECT * FROM kept
 UNION ALL
-SELECT NULL, py.customer_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM py
-RETURNING rn, customer_id, kind, period, triggers_epoch_ms(occurred_at), ctx_keys, ctx_vals,
-          triggers_epoch_ms(offer_expires)
+SELECT NULL, customer_id, NULL, NULL, NULL, NULL, NULL FROM py
+UNION ALL  -- changed since read, judged again (grouped rather than joined: no plan can turn it quadratic)
+SELECT NULL, customer_id, NULL, NULL, NULL, NULL, NULL
+FROM (SELECT customer_id, false AS ok FROM m UNION ALL SELECT customer_id, true FROM marked) x
+GROUP BY customer_id HAVING NOT bool_or(ok)
 """
 
+# Records the triggers Python encoded (scan_enc: rn, trigger_id, offer code, key, Avro value) and marks
+# their carts and categories (scan_due holds no rows of the customers judged again by then); those new
+# by trigger_id go to the outbox in scan order.
 _SCAN_FIRE = """
 WITH ins AS (
     INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, cause_event_id,
@@ -660,50 +954,31 @@ WITH ins AS (
            END
     FROM scan_due d JOIN scan_enc e USING (rn)
     ON CONFLICT (trigger_id) DO NOTHING
-    RETURNING trigger_id, kind, customer_id
+    RETURNING trigger_id, kind
 ), sent AS (
     INSERT INTO outbox (topic, key, value)
-    SELECT $10::text, convert_to(ins.customer_id, 'UTF8'), e.value
-    FROM scan_enc e JOIN ins USING (trigger_id)
+    SELECT $10::text, e.key, e.value FROM scan_enc e WHERE e.trigger_id IN (SELECT trigger_id FROM ins)
     ORDER BY e.rn
+), carts_marked AS (
+    UPDATE carts k SET status = 'abandoned' FROM scan_due d
+    WHERE d.kind = 'abandoned_cart' AND k.customer_id = d.customer_id AND k.cart_id = d.period
+), categories_marked AS (
+    UPDATE category_facts c SET reminded_for = c.purchases[cardinality(c.purchases)] FROM scan_due d
+    WHERE d.kind = 'replenishment' AND c.customer_id = d.customer_id AND c.category = d.category
 )
 SELECT kind, count(*) AS n FROM ins GROUP BY kind
 """
 
-# What the Python rules' mark_fired + save_facts remember of fired triggers, for the scanned customers
-# whose facts are as they were read (row version); the others' rows leave scan_due and are returned.
-_SCAN_MARK = """
-WITH m AS (
-    SELECT customer_id, max(period::int) FILTER (WHERE kind = 'birthday_coupon') AS year,
-           bool_or(kind = 'win_back') AS winback,
-           max(period COLLATE "C") FILTER (WHERE kind = 'points_expiring') AS month,
-           min(version::text)::xid AS version, min(at) AS at
-    FROM scan_due WHERE kind IS NOT NULL GROUP BY customer_id
-), u AS (
-    UPDATE customer_facts f SET
-        birthday_fired_for = CASE WHEN m.year IS NULL THEN f.birthday_fired_for
-                                  ELSE greatest(coalesce(f.birthday_fired_for, 0), m.year) END,
-        winback_fired_for = CASE WHEN m.winback THEN f.last_purchase_at ELSE f.winback_fired_for END,
-        points_fired_for = CASE WHEN m.month IS NULL THEN f.points_fired_for
-                                ELSE greatest(coalesce(f.points_fired_for, '') COLLATE "C", m.month COLLATE "C") END,
-        updated_at = now()
-    FROM m
-    WHERE f.ctid = m.at AND f.customer_id = m.customer_id AND f.xmin = m.version
-    RETURNING f.customer_id
-), stale AS (
-    DELETE FROM scan_due d
-    WHERE d.kind IS NOT NULL AND NOT EXISTS (SELECT 1 FROM u WHERE u.customer_id = d.customer_id)
-    RETURNING d.customer_id
-)
-SELECT DISTINCT customer_id FROM stale
-"""
 
-_SCAN_MARK_CHILDREN = """
-UPDATE carts k SET status = 'abandoned' FROM scan_due d
-WHERE d.kind = 'abandoned_cart' AND k.customer_id = d.customer_id AND k.cart_id = d.period;
-UPDATE category_facts c SET reminded_for = c.purchases[cardinality(c.purchases)] FROM scan_due d
-WHERE d.kind = 'replenishment' AND c.customer_id = d.customer_id AND c.category = d.category
-"""
+# The context keys of each kind's triggers, in make_trigger's order (rules.py); the scan returns only
+# the values (NULL where make_trigger drops the key).
+SCAN_CONTEXT_KEYS: dict[str, tuple[str, ...]] = {
+    "birthday_coupon": ("birthday", "days_until", "timezone"),
+    "win_back": ("days_since_last_purchase", "last_purchase_date", "category", "orders_count"),
+    "abandoned_cart": ("cart_id", "items", "cart_total", "currency", "category", "sku", "minutes_since_activity"),
+    "replenishment": ("category", "cycle_days", "due_date", "last_purchase_date", "days_since_last_purchase"),
+    "points_expiring": ("points", "expires_at", "expires_date", "points_balance"),
+}
 
 
 async def sql_zones(conn: asyncpg.Connection) -> set[str]:
@@ -716,44 +991,48 @@ async def sql_zones(conn: asyncpg.Connection) -> set[str]:
 
 async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.datetime, cfg: RuleConfig,
                        zones: Sequence[str], default_zone: str) -> list[asyncpg.Record]:
-    """Decide the candidates' due time-based triggers (wall clock, since = as_of), without locks.
+    """Decide the candidates' due time-based triggers (wall clock, since = as_of) and mark them in the facts.
 
-    Rows: (rn, customer_id, kind, period, occurred_at_ms, ctx_keys, ctx_vals, offer_expires_ms); kind
-    NULL names a customer the Python rules must judge. Call inside a transaction; the rows stay in
-    the temporary table scan_due until it ends.
+    Rows: (rn, customer_id, kind, period, occurred_at_ms, ctx_vals, offer_expires_ms), the values of
+    SCAN_CONTEXT_KEYS[kind]; kind
+    NULL names a customer the Python rules must judge (one the SQL cannot judge exactly, or whose facts
+    a concurrent batch changed since this statement read them). Call inside a transaction; the rows
+    stay in the temporary table scan_due for fire_scan_due until it ends.
     """
     # Interval days are 24 hours, as in Python; no JIT: it compiles for seconds what runs in milliseconds.
     # A chunk is a known heavy batch statement: it may take longer than the services' query timeout.
+    # Custom plans only: from its sixth run on a connection PostgreSQL may switch the prepared statement
+    # to a generic plan, blind to the chunk's array and instant, which took 16 s for a 1 s chunk.
     await conn.execute("SET LOCAL TimeZone = 'UTC'; SET LOCAL jit = off; SET LOCAL statement_timeout = '10min'; "
-                       "SET LOCAL work_mem = '64MB'")
+                       "SET LOCAL work_mem = '64MB'; SET LOCAL plan_cache_mode = force_custom_plan")
     await conn.execute(_SCAN_TABLES)
     cycles = sorted(cfg.replenishment_cycles.items())
-    months, days = birthday_window(as_of, as_of - cfg.lateness("birthday_coupon"), cfg.birthday_days_before)
+    months, days = birthday_window(as_of, as_of, cfg.birthday_days_before)  # windows open at as_of
     return await conn.fetch(
         _SCAN_DUE, list(ids), as_of, list(zones), default_zone, cfg.win_back_lapse, cfg.lateness("win_back"),
         cfg.cart_after, cfg.lateness("abandoned_cart"), cfg.birthday_days_before, cfg.birthday_valid_days,
         cfg.replenishment_days_before, cfg.replenishment_min_purchases, [k for k, _ in cycles],
         [v for _, v in cycles], cfg.lateness("replenishment"), cfg.points_days_before, cfg.points_min,
-        exponent(cfg.currency), cfg.currency, months, days)
+        exponent(cfg.currency), cfg.currency, months, days,
+        *(list(SCAN_CONTEXT_KEYS[k]) for k in ("birthday_coupon", "win_back", "abandoned_cart", "replenishment",
+                                               "points_expiring")))
 
 
-async def fire_scan_due(conn: asyncpg.Connection, encoded: Sequence[tuple[int, str, str | None, bytes]],
+async def fire_scan_due(conn: asyncpg.Connection, encoded: Sequence[tuple[int, str, str | None, bytes, bytes]],
                         as_of: dt.datetime, cfg: RuleConfig, descriptions: Mapping[str, str],
-                        winback_expires: dt.datetime, topic: str) -> tuple[dict[str, int], list[str]]:
-    """Mark the scan_due triggers in the facts and record them (rn, trigger_id, offer code, Avro value).
+                        winback_expires: dt.datetime, topic: str, judged_again: Sequence[str] = ()) -> dict[str, int]:
+    """Record the scan_due triggers, encoded as (rn, trigger_id, offer code, outbox key, Avro value).
 
-
-    Triggers new by trigger_id go to the outbox in scan order. Customers whose facts a concurrent
-    batch changed since scan_due_sql read them get nothing from here (their rows are dropped) and
-    are returned for the Python rules to judge again, under row locks, in the same transaction.
-    Returns (how many were new per kind, the customers to judge again).
+    `judged_again`: the customers scan_due_sql returned for the Python rules, whose rows leave scan_due.
+    Triggers new by trigger_id go to the outbox in scan order. Returns how many were new per kind.
     """
-    stale = [r["customer_id"] for r in await conn.fetch(_SCAN_MARK)]
-    await conn.execute(_SCAN_MARK_CHILDREN)
-    if encoded:
-        await conn.copy_records_to_table("scan_enc", records=encoded, columns=["rn", "trigger_id", "code", "value"])
+    if judged_again:
+        await conn.execute("DELETE FROM scan_due WHERE customer_id = ANY($1::text[])", list(judged_again))
+    if not encoded:
+        return {}
+    await conn.copy_records_to_table("scan_enc", records=encoded, columns=["rn", "trigger_id", "code", "key", "value"])
     rows = await conn.fetch(
         _SCAN_FIRE, as_of, descriptions["birthday_coupon"], cfg.birthday_amount, cfg.birthday_min_spend,
         descriptions["win_back"], cfg.win_back_amount, cfg.win_back_min_spend, cfg.currency,
         winback_expires.isoformat(), topic)
-    return {r["kind"]: r["n"] for r in rows}, stale
+    return {r["kind"]: r["n"] for r in rows}

@@ -10,7 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.triggers import store
 from services.triggers.api import add_routes
+from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointLot
 from services.triggers.handlers import TriggersHandler
 from services.triggers.rules import RuleConfig, trigger_id
 from shared.auth import KeyRing
@@ -292,3 +294,114 @@ async def test_http_segments_campaigns_scan_and_triggers(harness: Harness):
 
 async def _ready() -> dict[str, bool]:
     return {"database": True}
+
+
+# -- writing only what changed -------------------------------------------------------------------------
+
+async def _versions(h: Harness, cid: str) -> dict[str, object]:
+    """Row versions (xmin) of the customer's rows: a row written again has a new one."""
+    async with h.pool.acquire() as conn:
+        out: dict[str, object] = {"facts": await conn.fetchval(
+            "SELECT xmin::text FROM customer_facts WHERE customer_id = $1", cid)}
+        for table, key in (("carts", "cart_id"), ("category_facts", "category"), ("point_lots", "lot_id")):
+            for r in await conn.fetch(f"SELECT {key} AS k, xmin::text AS v FROM {table} WHERE customer_id = $1", cid):
+                out[f"{table}:{r['k']}"] = r["v"]
+        return out
+
+
+async def test_facts_round_trip_and_only_what_changed_is_written(harness: Harness):
+    h = harness
+    await h.feed(profile("eve", tags=["vip", 'q"uote\\', "\u00e9t\u00e9", "{a,b}"],
+                         consents={"sms": "opted_in", "email": "opted_out"}, lat=40.5, lon=-73.25),
+                 sale("eve", "s1", T0 - dt.timedelta(days=30), category="coffee"),
+                 sale("eve", "s2", T0 - dt.timedelta(days=3, microseconds=7), category="coffee"),
+                 sale("eve", "s3", T0 - dt.timedelta(days=3), category="tea"),
+                 event("eve", "a1", "cart_add", T0, {"cart_id": "k1", "sku": "x", "quantity": 2, "unit_price": 450,
+                                                     "currency": "USD", "category": "tea"}),
+                 loyalty("eve", "l1", "points_earned", T0, points=120, balance=120, order_id="o-s1",
+                         expires_at=T0 + dt.timedelta(days=200)))
+    async with h.pool.acquire() as conn, conn.transaction():
+        f = (await store.load_facts(conn, ["eve"]))["eve"]
+        # What was read is what a save would write: nothing to do.
+        plan = store.plan_save([f], CFG)
+        assert not plan.rows and not plan.touch and not any(plan.put.values()) and not any(plan.gone.values())
+    assert f.tags == sorted(["vip", 'q"uote\\', "\u00e9t\u00e9", "{a,b}"]) and f.consents["email"] == "opted_out"
+    assert f.categories["coffee"].purchases == [T0 - dt.timedelta(days=30), T0 - dt.timedelta(days=3, milliseconds=1)]
+    assert f.carts["k1"].items == 2 and [lot.lot_id for lot in f.lots] == ["l1"]
+    before = await _versions(h, "eve")
+
+    # The same profile again (a re-delivery) changes nothing: no row is written.
+    await h.feed(profile("eve", tags=["vip", 'q"uote\\', "\u00e9t\u00e9", "{a,b}"],
+                         consents={"sms": "opted_in", "email": "opted_out"}, lat=40.5, lon=-73.25))
+    assert await _versions(h, "eve") == before
+
+    # Points: the new lot alone is inserted; the customer's row gets a new version (for the SQL scan).
+    await h.feed(loyalty("eve", "l2", "points_earned", T0, points=30, balance=150,
+                         expires_at=T0 + dt.timedelta(days=100)))
+    after = await _versions(h, "eve")
+    assert after["facts"] != before["facts"] and "point_lots:l2" in after
+    assert {k: v for k, v in after.items() if k not in ("facts", "point_lots:l2")} == \
+           {k: v for k, v in before.items() if k != "facts"}
+
+    # A sale converts the cart (its row goes) and adds to a category; the others stay as they are.
+    await h.feed(sale("eve", "s4", T0 + dt.timedelta(minutes=30), category="tea"))
+    final = await _versions(h, "eve")
+    assert "carts:k1" not in final and final["category_facts:tea"] != after["category_facts:tea"]
+    assert final["category_facts:coffee"] == after["category_facts:coffee"]
+    assert final["point_lots:l1"] == after["point_lots:l1"]
+    row = await h.facts("eve")
+    assert row["orders_count"] == 4 and row["tags"] == sorted(["vip", 'q"uote\\', "\u00e9t\u00e9", "{a,b}"])
+    assert row["consented_channels"] == ["sms"] and row["lat"] == 40.5
+
+
+async def test_saved_facts_read_back_exactly(harness: Harness):
+    at = dt.datetime(2026, 3, 29, 1, 59, 59, 999_999, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=45)))
+    f = CustomerFacts("zed", birthday="--02-29", tags=["", "NULL", "a b", "x,y"], consents={},
+                      profile_at=at, last_event_at=at, orders_count=1, last_purchase_at=at, lifetime_spend=-5,
+                      winback_fired_for=at, birthday_fired_for=2026, points_fired_for="2026-04")
+    f.categories["\u00e9clair"] = CategoryHistory("\u00e9clair", [at - dt.timedelta(microseconds=1), at], 2, at)
+    f.carts["k"] = Cart("k", at, 0, 0, None, None, "abandoned")
+    f.lots.append(PointLot("l", 1, at))
+    async with harness.pool.acquire() as conn, conn.transaction():
+        await store.save_facts(conn, [f], CFG)
+        back = (await store.load_facts(conn, ["zed"]))["zed"]
+        assert back.categories["\u00e9clair"].purchases == [at - dt.timedelta(microseconds=1), at]
+        assert back.tags == ["", "NULL", "a b", "x,y"] and back.points_fired_for == "2026-04"
+        assert back.carts == {}  # an abandoned cart is done with: not read back, dropped at the next save
+        back.carts["k"] = f.carts["k"]
+        plan = store.plan_save([back], CFG)
+        assert not plan.rows and not plan.touch and not any(plan.put.values()) and not any(plan.gone.values())
+        back.birthday, back.points_fired_for, back.tags = None, None, []  # values that go: NULL columns
+        await store.save_facts(conn, [back], CFG)
+        row = await conn.fetchrow("SELECT * FROM customer_facts WHERE customer_id = 'zed'")
+        assert (row["birthday"], row["birthday_month"], row["points_fired_for"], row["tags"]) == (None, None, None, [])
+        assert row["birthday_fired_for"] == 2026 and row["lifetime_spend"] == -5
+
+
+async def test_a_cart_done_with_by_a_scan_goes_at_the_next_write(harness: Harness):
+    h = harness
+    await h.feed(profile("kim"), event("kim", "a1", "cart_add", T0, {
+        "cart_id": "k1", "sku": "x", "quantity": 1, "unit_price": 100, "currency": "USD", "category": None}))
+    assert await h.scan(T0 + dt.timedelta(hours=2)) == 1  # abandoned_cart: the row stays, as abandoned
+    async with h.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT status FROM carts WHERE customer_id = 'kim'") == "abandoned"
+    await h.feed(loyalty("kim", "l1", "points_earned", T0 + dt.timedelta(hours=3), points=5, balance=5,
+                         expires_at=T0 + dt.timedelta(days=30)))
+    async with h.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM carts WHERE customer_id = 'kim'") == 0
+        assert await conn.fetchval("SELECT count(*) FROM point_lots WHERE customer_id = 'kim'") == 1
+
+
+async def test_events_of_a_merged_customer_fold_into_its_survivor(harness: Harness):
+    h = harness
+    await h.feed(sale("s", "s1", T0 - dt.timedelta(days=3), store_id=None),
+                 sale("m", "m1", T0 - dt.timedelta(days=2), store_id=None))
+    await h.feed(merge("merged", "s", "m", T0 - dt.timedelta(days=1)))
+    # Resolved to the merged id before identity merged it: through the alias to the survivor.
+    await h.feed(sale("m", "m2", T0, total=3000, store_id=None, category="tea"),
+                 loyalty("m", "lm", "points_earned", T0, points=30, balance=30, expires_at=T0 + dt.timedelta(days=9)))
+    s = await h.facts("s")
+    assert (s["orders_count"], s["lifetime_spend"]) == (3, 27000) and await h.facts("m") is None
+    async with h.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT customer_id FROM point_lots WHERE lot_id = 'lm'") == "s"
+        assert await conn.fetchval("SELECT owner FROM customer_events WHERE event_id = 'm2'") == "m"

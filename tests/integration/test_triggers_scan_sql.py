@@ -5,8 +5,10 @@ local midnights, 29 February, lateness bounds, microseconds, own replenishment c
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -125,31 +127,68 @@ async def test_sql_scan_fires_what_the_python_rules_fire(database, unique, as_of
             await pool.close()
 
 
+async def _lock_waiter(pool, pid: int, scan: asyncio.Task) -> None:
+    """Returns once backend `pid` waits for a lock (polled, with a deadline)."""
+    deadline = time.monotonic() + 30
+    async with pool.acquire() as watcher:
+        while await watcher.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
+            assert not scan.done(), "the scan ended without waiting for the batch's row lock"
+            assert time.monotonic() < deadline, "the scan never waited for the batch's row lock"
+            await asyncio.sleep(0.005)
+
+
 async def test_sql_scan_judges_again_a_customer_whose_facts_changed_meanwhile(database, unique):
+    """A batch commits a new purchase after the scan's statement read the facts and before it marked
+    them: the mark skips the row (its version moved on), the SQL fires and marks nothing of it (not
+    its cart either) and the Python rules judge the new facts."""
+    pool = await setup_database(database, f"trgsql_{unique}", MIGRATIONS)
+    try:
+        f = CustomerFacts("c1", timezone="UTC", orders_count=2,
+                          last_purchase_at=AS_OF - CFG.win_back_lapse - dt.timedelta(days=1))
+        f.carts["k1"] = Cart("k1", AS_OF - CFG.cart_after - dt.timedelta(minutes=5), 1, 2500, None, None, "open")
+        other = CustomerFacts("c2", timezone="UTC", orders_count=1, last_purchase_at=f.last_purchase_at)
+        await _load(pool, [f, other])
+        handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=FixedClock(AS_OF))
+        async with pool.acquire() as batch, pool.acquire() as conn:
+            tx = batch.transaction()
+            await tx.start()
+            await batch.execute("UPDATE customer_facts SET last_purchase_at = $1, winback_due_at = $2 "
+                                "WHERE customer_id = 'c1'", AS_OF - dt.timedelta(days=1),
+                                AS_OF - dt.timedelta(days=1) + CFG.win_back_lapse)
+            scan = asyncio.create_task(handler.scan(conn, AS_OF))
+            await _lock_waiter(pool, conn.get_server_pid(), scan)  # read the old facts, marking them waits
+            await tx.commit()
+            assert await scan == 2  # c2's win-back; c1 judged again on the new facts: its cart, no win-back
+        async with pool.acquire() as conn:
+            fired = await conn.fetch("SELECT customer_id, kind FROM fired_triggers ORDER BY 1")
+            assert [tuple(r) for r in fired] == [("c1", "abandoned_cart"), ("c2", "win_back")]
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 2
+            assert await conn.fetchval("SELECT winback_fired_for FROM customer_facts WHERE customer_id = 'c1'") is None
+            assert await conn.fetchval("SELECT status FROM carts") == "abandoned"
+    finally:
+        await pool.close()
+
+
+async def test_sql_scan_fires_once_when_the_batch_it_waited_for_changed_nothing_it_reads(database, unique):
+    """The row the scan waited for was changed in a column no rule reads: judged again, it still fires once."""
     pool = await setup_database(database, f"trgsql_{unique}", MIGRATIONS)
     try:
         f = CustomerFacts("c1", timezone="UTC", orders_count=2,
                           last_purchase_at=AS_OF - CFG.win_back_lapse - dt.timedelta(days=1))
         await _load(pool, [f])
         handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=FixedClock(AS_OF))
-        original = store.scan_due_sql
-
-        async def racing(conn, *args, **kw):
-            rows = await original(conn, *args, **kw)
-            async with pool.acquire() as other:  # a batch commits a new purchase in between
-                await other.execute("UPDATE customer_facts SET last_purchase_at = $1, winback_due_at = $2 "
-                                    "WHERE customer_id = 'c1'", AS_OF - dt.timedelta(days=1),
-                                    AS_OF - dt.timedelta(days=1) + CFG.win_back_lapse)
-            return rows
-        store.scan_due_sql = racing
-        try:
-            async with pool.acquire() as conn:
-                assert await handler.scan(conn, AS_OF) == 0  # judged again on the new facts: nothing due
-        finally:
-            store.scan_due_sql = original
+        async with pool.acquire() as batch, pool.acquire() as conn:
+            tx = batch.transaction()
+            await tx.start()
+            await batch.execute("UPDATE customer_facts SET city = 'Paris' WHERE customer_id = 'c1'")
+            scan = asyncio.create_task(handler.scan(conn, AS_OF))
+            await _lock_waiter(pool, conn.get_server_pid(), scan)
+            await tx.commit()
+            assert await scan == 1
+            assert await handler.scan(conn, AS_OF) == 0
         async with pool.acquire() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM fired_triggers") == 0
-            assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
-            assert await conn.fetchval("SELECT winback_fired_for FROM customer_facts") is None
+            assert await conn.fetchval("SELECT count(*) FROM fired_triggers WHERE kind = 'win_back'") == 1
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+            assert await conn.fetchval("SELECT winback_fired_for FROM customer_facts") == f.last_purchase_at
     finally:
         await pool.close()
