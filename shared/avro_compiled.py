@@ -72,31 +72,45 @@ def _timestamp(value: Any) -> bytes:
     return encoded
 
 
-class _Compiler:
+class SourceCompiler:
+    """What the schema compilers share (this encoder's, shared/avro_reader.py's reader): fresh
+    variable names and one generated function per named record."""
+
+    def __init__(self) -> None:
+        self.functions: dict[str, str] = {}  # full record name -> function name
+        self.sources: list[str] = []
+        self._n = 0
+
+    def var(self) -> str:
+        self._n += 1
+        return f"v{self._n}"
+
+    def function_for(self, schema: dict[str, Any], namespace: str | None) -> tuple[str, str | None, bool]:
+        """(function name, the record's namespace, whether its source is still to be written)."""
+        full = _full_name(schema, namespace)
+        if full in self.functions:
+            return self.functions[full], None, False
+        fn = self.functions[full] = f"_rec_{full.replace('.', '_')}"
+        return fn, full.rpartition(".")[0] or None, True
+
+
+class _Compiler(SourceCompiler):
     """Python source for one function per record of the schema."""
 
     def __init__(self, names: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
         self.names = names
-        self.functions: dict[str, str] = {}  # full record name -> function name
-        self.sources: list[str] = []
         self.consts: dict[str, Any] = {}
-        self._n = 0
 
     def const(self, value: Any) -> str:
         name = f"_c{len(self.consts)}"
         self.consts[name] = value
         return name
 
-    def var(self) -> str:
-        self._n += 1
-        return f"v{self._n}"
-
     def record(self, schema: dict[str, Any], namespace: str | None) -> str:
-        full = _full_name(schema, namespace)
-        if full in self.functions:
-            return self.functions[full]
-        fn = self.functions[full] = f"_rec_{full.replace('.', '_')}"
-        namespace = full.rpartition(".")[0] or None
+        fn, namespace, new = self.function_for(schema, namespace)
+        if not new:
+            return fn
         lines = [f"def {fn}(d, o):"]
         for field in schema["fields"]:
             v = self.var()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from shared.avro import HEADER_LEN, AvroCodec
+from shared.avro_compiled import SourceCompiler, _full_name
 from shared.errors import SchemaError
 from shared.topics import Topic
 
@@ -58,34 +59,19 @@ class Unsupported(ValueError):
     """A schema with a type the compiler does not read (the codec decodes its records)."""
 
 
-def _full_name(schema: dict[str, Any], namespace: str | None) -> str:
-    name = schema["name"]
-    if "." in name:
-        return name
-    ns = schema.get("namespace", namespace)
-    return f"{ns}.{name}" if ns else name
-
-
-class _Compiler:
+class _Compiler(SourceCompiler):
     """Python source of one reader function per record: f(b, p) -> (dict, position after it)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.names: dict[str, dict[str, Any]] = {}
-        self.functions: dict[str, str] = {}  # full record name -> function name
-        self.sources: list[str] = []
-        self._n = 0
-
-    def var(self) -> str:
-        self._n += 1
-        return f"v{self._n}"
 
     def record(self, schema: dict[str, Any], namespace: str | None) -> str:
-        full = _full_name(schema, namespace)
-        if full in self.functions:
-            return self.functions[full]
-        self.names[full] = schema
-        fn = self.functions[full] = f"_rec_{full.replace('.', '_')}"
-        namespace = full.rpartition(".")[0] or None
+        fn, inner, new = self.function_for(schema, namespace)
+        if not new:
+            return fn
+        self.names[_full_name(schema, namespace)] = schema
+        namespace = inner
         lines = [f"def {fn}(b, p):"]
         names = []
         for field in schema["fields"]:

@@ -161,13 +161,17 @@ class Dispatcher:
         rows, contacts, erased = await store.claim_due(
             self.pool, now=self.clock.now(), limit=capacity, worker=self.worker,
             lease_seconds=self.lease_seconds)
-        rest = await self._send_sandbox_batch(rows, contacts, erased)
-        for row in rest:
+        self._start_sends(await self._send_sandbox_batch(rows, contacts, erased), contacts, erased)
+        return len(rows)
+
+    def _start_sends(self, rows: list[asyncpg.Record], contacts: Mapping[str, Contact],
+                     erased: set[str]) -> None:
+        """Each claimed row sent (or deferred, suppressed, failed over) in a task of its own."""
+        for row in rows:
             task = asyncio.create_task(self._handle(row, contacts.get(row["customer_id"]),
                                                     row["customer_id"] in erased))
             self._in_flight.add(task)
             task.add_done_callback(self._done)
-        return len(rows)
 
     async def _dispatch_sandbox(self, limit: int) -> int:
         """Every provider is the sandbox: due rows are locked, recorded sent and their outcomes
@@ -186,11 +190,7 @@ class Dispatcher:
         for u in updated:
             self.metrics.status(u["channel"], SENT, None)
         self.sent += len(updated)
-        for row in rest:
-            task = asyncio.create_task(self._handle(row, contacts.get(row["customer_id"]),
-                                                    row["customer_id"] in erased))
-            self._in_flight.add(task)
-            task.add_done_callback(self._done)
+        self._start_sends(rest, contacts, erased)
         return len(rows)
 
     def _sandbox_split(self, rows: list[asyncpg.Record], contacts: Mapping[str, Contact],

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.avro import HEADER_LEN, AvroCodec, SchemaRegistry
+from shared.avro_compiled import _full_name
 from shared.avro_reader import Unsupported, compile_reader, lean_decoder
 from shared.errors import SchemaError
 from shared.events import for_encoding
@@ -39,14 +40,6 @@ T0 = dt.datetime(2026, 6, 1, 14, 0, 0, 123000, tzinfo=dt.UTC)
 
 
 # -- values of any schema, for hypothesis ------------------------------------------------------------
-
-def _full_name(schema: dict[str, Any], namespace: str | None) -> str:
-    name = schema["name"]
-    if "." in name:
-        return name
-    ns = schema.get("namespace", namespace)
-    return f"{ns}.{name}" if ns else name
-
 
 millis = st.integers(-62_135_596_800_000, 253_402_300_799_999)  # years 1 .. 9999
 
