@@ -412,7 +412,9 @@ class TriggersHandler:
         ids = await store.scan_candidates(conn, now, self.cfg, since)
         zones = None if self.event_clock else await self._sql_zones(conn)
         # At least four chunks when there are enough candidates, so both connections have work to overlap.
-        parts = _chunks(ids, min(chunk, max(5000, -(-len(ids) // 4))))
+        parts = iter(_scan_parts(ids, min(chunk, max(5000, -(-len(ids) // 4))), max(1, connections)))
+        # Candidates one in twenty customers or more: a chunk's children are read by key range.
+        dense = zones is not None and len(ids) * 20 >= await store.customers_estimate(conn)
 
         async def work(c: asyncpg.Connection) -> int:
             fired = 0
@@ -421,9 +423,11 @@ class TriggersHandler:
                 if zones is not None:
                     try:
                         async with c.transaction():
-                            done = await self._scan_sql(c, part, now, zones)
-                    except asyncpg.DeadlockDetectedError:
-                        done = None  # with a batch locking the same customers: rolled back, judged again
+                            done = await self._scan_sql(c, part, now, zones, dense=dense)
+                    except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
+                        # With a batch locking the same customers, or a trigger recorded meanwhile
+                        # (store._SCAN_FIRE): rolled back, judged again.
+                        done = None
                 if done is None:  # event clock, or a deadlock above: the Python rules, under row locks
                     done = 0
                     for sub in _chunks(part, 5000):
@@ -485,7 +489,7 @@ class TriggersHandler:
         return self._zones if default in usable else None
 
     async def _scan_sql(self, conn: asyncpg.Connection, ids: Sequence[str], now: dt.datetime,
-                        zones: tuple[list[str], str]) -> int:
+                        zones: tuple[list[str], str], *, dense: bool = True) -> int:
         """The SQL rules over `ids` (inside the caller's transaction); the rest by the Python rules.
 
         Customers whose facts a concurrent batch changed meanwhile are judged again by the Python rules.
@@ -493,7 +497,7 @@ class TriggersHandler:
         with their outbox rows in a second.
         """
         cfg = self.cfg
-        rows = await store.scan_due_sql(conn, ids, now, cfg, *zones)
+        rows = await store.scan_due_sql(conn, ids, now, cfg, *zones, dense=dense)
         enc = self._encoder
         fired_ms = _millis(now)
         birthday_offer = (self._descriptions["birthday_coupon"], cfg.birthday_amount, cfg.birthday_min_spend,
@@ -727,6 +731,27 @@ class _TriggerEncoder:
         else:
             parts += [b"\x02", _avro_long_repeated(occurred_ms)]
         return b"".join(parts)
+
+
+def _scan_parts(ids: Sequence[str], size: int, connections: int) -> list[list[str]]:
+    """The scan's chunks of about `size`, staggered when they make whole rounds for the connections.
+
+    Equal chunks keep the connections in step: all of them decide their chunk at once, then wait
+    together for Python to encode, then record at once, and the last to finish records alone. The
+    first round's chunks grow (0.6 to 1.2 of the size) and the last round's shrink by as much, so
+    the connections drift apart in phase and still finish together.
+    """
+    k = -(-len(ids) // size) if ids else 0
+    if connections < 2 or k < 2 * connections or k % connections:
+        return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+    first = [0.6 + 0.6 * j / (connections - 1) for j in range(connections)]
+    weights = first + [1.0] * (k - 2 * connections) + [2.0 - w for w in first]
+    total, parts, start = sum(weights), [], 0
+    for i, w in enumerate(weights):
+        end = len(ids) if i == k - 1 else start + round(len(ids) * w / total)
+        parts.append(list(ids[start:end]))
+        start = end
+    return parts
 
 
 def _chunks(items: Sequence[str], size: int):

@@ -646,25 +646,26 @@ def birthday_window(as_of: dt.datetime, lower: dt.datetime, days_before: int) ->
 # A trigger due exactly its lateness ago still fires (rules._is_due): the lower bounds are inclusive.
 # The birthdays of the window's days are read through their index (OFFSET 0 keeps the planner from
 # scanning every customer for them); points expiring are grouped per customer before their facts are read.
-# One array, sorted bytewise (code point order, as Python sorts): cheaper to send and read than a row each.
+# One array, deduplicated and sorted bytewise in one sort (code point order, as Python sorts): cheaper to
+# send and read than a row each.
 _CANDIDATES = """
-SELECT coalesce(array_agg(c.customer_id ORDER BY c.customer_id COLLATE "C"), '{}') FROM (
+SELECT coalesce(array_agg(DISTINCT c.customer_id COLLATE "C" ORDER BY c.customer_id COLLATE "C"), '{}') FROM (
 SELECT customer_id
 FROM (SELECT DISTINCT m, d FROM unnest($1::smallint[], $2::smallint[]) AS w(m, d)) w
 CROSS JOIN LATERAL (SELECT customer_id, birthday_month, birthday_fired_for FROM customer_facts
                     WHERE birthday_month = w.m AND birthday_day = w.d OFFSET 0) f
 WHERE (birthday_fired_for IS NULL
        OR birthday_fired_for < $3 + CASE WHEN birthday_month = 1 AND $4 THEN 1 ELSE 0 END)
-UNION
+UNION ALL
 SELECT customer_id FROM customer_facts
 WHERE winback_due_at <= $5 AND winback_due_at >= $6
   AND winback_fired_for IS DISTINCT FROM last_purchase_at
-UNION
+UNION ALL
 SELECT customer_id FROM carts WHERE status = 'open' AND due_at <= $5 AND due_at >= $7
-UNION
+UNION ALL
 SELECT customer_id FROM category_facts
 WHERE remind_at <= $5 AND remind_at >= $8 AND reminded_for IS DISTINCT FROM last_at
-UNION
+UNION ALL
 SELECT l.customer_id
 FROM (SELECT customer_id, max(expires_at) AS last FROM point_lots
       WHERE expires_at > $10 AND expires_at <= $9 GROUP BY customer_id) l
@@ -765,8 +766,8 @@ async def survivors_of(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str
 
 
 # -- the set-based time-based scan ---------------------------------------------------------------
-# The wall-clock scan decides and describes due triggers here, in one statement per chunk of
-# candidates, with the rules of rules.py (birthday_coupon, win_back, abandoned_cart, replenishment,
+# The wall-clock scan decides, describes and marks due triggers here, in one statement per chunk of
+# candidates (Python then encodes them; a second statement records them), with the rules of rules.py (birthday_coupon, win_back, abandoned_cart, replenishment,
 # points_expiring) at since = as_of. Context values are the strings make_trigger would keep, in its
 # key order (NULL values are dropped). Customers it cannot judge exactly (a time zone PostgreSQL
 # reads differently from zoneinfo; a replenishment cycle from the customer's own purchase median)
@@ -794,15 +795,18 @@ WITH f AS MATERIALIZED (
     CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN nn.n = ANY($3::text[]) THEN nn.n END AS tz) z
     WHERE f.customer_id = ANY($1::text[])  -- a hashed array or index scan in key order, not probes
 ),
--- The chunk's bounds: candidates come sorted, so a chunk's children are one index range of each table
--- rather than the whole table (min and max in the column's own collation: exact whatever the order).
+-- The chunk's bounds: candidates come sorted, so when they are dense ($27) a chunk's children are one
+-- index range of each table rather than the whole table (min and max in the column's own collation:
+-- exact whatever the order); sparse ones (a scan after most fired) are looked up one by one instead.
+-- ($27 is a constant in the statement's custom plan: the CASE folds to one indexable condition.)
 lo AS MATERIALIZED (SELECT min(u) AS lo, max(u) AS hi FROM unnest($1::text[]) AS u),
 cat AS MATERIALIZED (
     SELECT c.customer_id, c.category, c.quantity, cardinality(c.purchases) AS n, c.remind_at,
            c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today, f.at, f.version,
            (SELECT u.d FROM unnest($13::text[], $14::int[]) AS u(name, d) WHERE u.name = c.category) AS cfg_days
     FROM category_facts c JOIN f USING (customer_id)
-    WHERE c.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+    WHERE CASE WHEN $27 THEN c.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+               ELSE c.customer_id = ANY($1::text[]) END
 ),
 top AS MATERIALIZED (  -- CustomerFacts.most_bought_category (ids grouped bytewise: cheaper, same groups)
     SELECT DISTINCT ON (c.customer_id COLLATE "C") c.customer_id, c.category
@@ -810,7 +814,8 @@ top AS MATERIALIZED (  -- CustomerFacts.most_bought_category (ids grouped bytewi
 ),
 lots AS MATERIALIZED (
     SELECT l.customer_id, l.points, l.expires_at FROM point_lots l
-    WHERE l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+    WHERE CASE WHEN $27 THEN l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+               ELSE l.customer_id = ANY($1::text[]) END
 ),
 rules AS (
     -- birthday_coupon: [local midnight days_before the birthday, local midnight after it)
@@ -853,7 +858,9 @@ rules AS (
                  k.category, k.sku, floor(extract(epoch FROM $2 - k.last_activity_at) / 60)::bigint::text],
            NULL, NULL, f.at, f.version
     FROM carts k JOIN f USING (customer_id)
-    WHERE k.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo) AND f.tz IS NOT NULL AND k.status = 'open'
+    WHERE CASE WHEN $27 THEN k.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+               ELSE k.customer_id = ANY($1::text[]) END
+      AND f.tz IS NOT NULL AND k.status = 'open'
       AND k.last_activity_at + $7::interval <= $2 AND k.last_activity_at + $7::interval + $8::interval >= $2
     UNION ALL
     -- replenishment with the category's configured cycle (fewer purchases than min_purchases)
@@ -939,26 +946,28 @@ GROUP BY customer_id HAVING NOT bool_or(ok)
 # their carts and categories (scan_due holds no rows of the customers judged again by then); those new
 # by trigger_id go to the outbox in scan order.
 _SCAN_FIRE = """
-WITH ins AS (
+WITH new AS MATERIALIZED (  -- not recorded before (a re-derivation after an unmerge may re-arm a trigger)
+    SELECT d.rn, d.kind, d.customer_id, d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires,
+           e.trigger_id, e.code, e.key, e.value
+    FROM scan_due d JOIN scan_enc e USING (rn)
+    WHERE NOT EXISTS (SELECT 1 FROM fired_triggers t WHERE t.trigger_id = e.trigger_id)
+), ins AS (  -- no ON CONFLICT: nothing else fires these customers' triggers while their facts rows are
+             -- locked; should it happen, the unique violation rolls the chunk back for the Python rules
     INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, cause_event_id,
                                 context, offer)
-    SELECT e.trigger_id, d.kind, d.customer_id, d.period, $1::timestamptz, d.occurred_at, NULL,
-           jsonb_strip_nulls(jsonb_object(d.ctx_keys, d.ctx_vals)),
-           CASE d.kind
+    SELECT n.trigger_id, n.kind, n.customer_id, n.period, $1::timestamptz, n.occurred_at, NULL,
+           jsonb_strip_nulls(jsonb_object(n.ctx_keys, n.ctx_vals)),
+           CASE n.kind
                WHEN 'birthday_coupon' THEN jsonb_build_object(
-                   'code', e.code, 'description', $2::text, 'amount', $3::bigint, 'min_spend', $4::bigint,
-                   'currency', $8::text, 'expires_at', triggers_iso_utc(d.offer_expires))
+                   'code', n.code, 'description', $2::text, 'amount', $3::bigint, 'min_spend', $4::bigint,
+                   'currency', $8::text, 'expires_at', triggers_iso_utc(n.offer_expires))
                WHEN 'win_back' THEN jsonb_build_object(
-                   'code', e.code, 'description', $5::text, 'amount', $6::bigint, 'min_spend', $7::bigint,
+                   'code', n.code, 'description', $5::text, 'amount', $6::bigint, 'min_spend', $7::bigint,
                    'currency', $8::text, 'expires_at', $9::text)
            END
-    FROM scan_due d JOIN scan_enc e USING (rn)
-    ON CONFLICT (trigger_id) DO NOTHING
-    RETURNING trigger_id, kind
+    FROM new n
 ), sent AS (
-    INSERT INTO outbox (topic, key, value)
-    SELECT $10::text, e.key, e.value FROM scan_enc e WHERE e.trigger_id IN (SELECT trigger_id FROM ins)
-    ORDER BY e.rn
+    INSERT INTO outbox (topic, key, value) SELECT $10::text, n.key, n.value FROM new n ORDER BY n.rn
 ), carts_marked AS (
     UPDATE carts k SET status = 'abandoned' FROM scan_due d
     WHERE d.kind = 'abandoned_cart' AND k.customer_id = d.customer_id AND k.cart_id = d.period
@@ -966,7 +975,7 @@ WITH ins AS (
     UPDATE category_facts c SET reminded_for = c.purchases[cardinality(c.purchases)] FROM scan_due d
     WHERE d.kind = 'replenishment' AND c.customer_id = d.customer_id AND c.category = d.category
 )
-SELECT kind, count(*) AS n FROM ins GROUP BY kind
+SELECT kind, count(*) AS n FROM new GROUP BY kind
 """
 
 
@@ -990,14 +999,15 @@ async def sql_zones(conn: asyncpg.Connection) -> set[str]:
 
 
 async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.datetime, cfg: RuleConfig,
-                       zones: Sequence[str], default_zone: str) -> list[asyncpg.Record]:
+                       zones: Sequence[str], default_zone: str, *, dense: bool = True) -> list[asyncpg.Record]:
     """Decide the candidates' due time-based triggers (wall clock, since = as_of) and mark them in the facts.
 
     Rows: (rn, customer_id, kind, period, occurred_at_ms, ctx_vals, offer_expires_ms), the values of
     SCAN_CONTEXT_KEYS[kind]; kind
     NULL names a customer the Python rules must judge (one the SQL cannot judge exactly, or whose facts
     a concurrent batch changed since this statement read them). Call inside a transaction; the rows
-    stay in the temporary table scan_due for fire_scan_due until it ends.
+    stay in the temporary table scan_due for fire_scan_due until it ends. `dense`: the ids are a large
+    share of the customers (their carts, categories and lots are read by key range rather than by key).
     """
     # Interval days are 24 hours, as in Python; no JIT: it compiles for seconds what runs in milliseconds.
     # A chunk is a known heavy batch statement: it may take longer than the services' query timeout.
@@ -1015,7 +1025,13 @@ async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.d
         [v for _, v in cycles], cfg.lateness("replenishment"), cfg.points_days_before, cfg.points_min,
         exponent(cfg.currency), cfg.currency, months, days,
         *(list(SCAN_CONTEXT_KEYS[k]) for k in ("birthday_coupon", "win_back", "abandoned_cart", "replenishment",
-                                               "points_expiring")))
+                                               "points_expiring")), dense)
+
+
+async def customers_estimate(conn: asyncpg.Connection) -> float:
+    """How many customers' facts there are, as the planner's statistics say (no count)."""
+    return await conn.fetchval(
+        "SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = 'customer_facts'::regclass") or 0.0
 
 
 async def fire_scan_due(conn: asyncpg.Connection, encoded: Sequence[tuple[int, str, str | None, bytes, bytes]],

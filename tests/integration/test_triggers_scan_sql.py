@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from services.triggers import rules as R
 from services.triggers import store
 from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointLot, Store
 from services.triggers.handlers import TriggersHandler
@@ -91,7 +92,13 @@ async def _state(pool) -> dict:
 
 @pytest.mark.parametrize("as_of", [AS_OF, dt.datetime(2026, 12, 29, 9, tzinfo=UTC),
                                    dt.datetime(2027, 2, 24, 18, tzinfo=UTC)], ids=["dst", "new-year", "feb-29"])
-async def test_sql_scan_fires_what_the_python_rules_fire(database, unique, as_of):
+async def test_sql_scan_fires_what_the_python_rules_fire(database, unique, as_of, monkeypatch):
+    sparse = [False]
+
+    async def customers(conn):  # every other scan: the candidates as a small share of many customers
+        sparse[0] = not sparse[0]
+        return 10.0 ** 9 if sparse[0] else 0.0
+    monkeypatch.setattr(store, "customers_estimate", customers)
     rng = random.Random(7)
     facts = [_facts(rng, i, as_of) for i in range(600)]
     pools = [await setup_database(database, f"trgsql_{unique}_{n}", MIGRATIONS) for n in ("sql", "py")]
@@ -189,6 +196,54 @@ async def test_sql_scan_fires_once_when_the_batch_it_waited_for_changed_nothing_
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM fired_triggers WHERE kind = 'win_back'") == 1
             assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+            assert await conn.fetchval("SELECT winback_fired_for FROM customer_facts") == f.last_purchase_at
+    finally:
+        await pool.close()
+
+
+async def test_sql_scan_fires_nothing_twice_when_a_trigger_is_re_armed(database, unique):
+    """Facts re-derived after an unmerge forget what fired: the scan finds the trigger due again, but
+    its trigger_id is recorded already, so nothing new is sent (the facts are marked again)."""
+    pool = await setup_database(database, f"trgsql_{unique}", MIGRATIONS)
+    try:
+        f = CustomerFacts("c1", timezone="UTC", orders_count=2,
+                          last_purchase_at=AS_OF - CFG.win_back_lapse - dt.timedelta(days=1))
+        await _load(pool, [f])
+        handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=FixedClock(AS_OF))
+        async with pool.acquire() as conn:
+            assert await handler.scan(conn, AS_OF) == 1
+            await conn.execute("UPDATE customer_facts SET winback_fired_for = NULL")
+            assert await handler.scan(conn, AS_OF) == 0
+            assert await conn.fetchval("SELECT count(*) FROM fired_triggers") == 1
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 1
+            assert await conn.fetchval("SELECT winback_fired_for FROM customer_facts") == f.last_purchase_at
+    finally:
+        await pool.close()
+
+
+async def test_sql_scan_judges_again_a_chunk_whose_trigger_was_recorded_meanwhile(database, unique):
+    """A trigger_id recorded by another transaction while the chunk inserts it: the unique key rolls the
+    chunk back, the Python rules judge it again and send nothing twice."""
+    pool = await setup_database(database, f"trgsql_{unique}", MIGRATIONS)
+    try:
+        f = CustomerFacts("c1", timezone="UTC", orders_count=2,
+                          last_purchase_at=AS_OF - CFG.win_back_lapse - dt.timedelta(days=1))
+        await _load(pool, [f])
+        handler = TriggersHandler(codec=CODEC, cfg=CFG, clock=FixedClock(AS_OF))
+        async with pool.acquire() as other, pool.acquire() as conn:
+            tx = other.transaction()
+            await tx.start()
+            period = f.last_purchase_at.astimezone(UTC).isoformat()
+            await other.execute(
+                "INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at) "
+                "VALUES ($1, 'win_back', 'c1', $2, $3)", R.trigger_id("win_back", "c1", period), period, AS_OF)
+            scan = asyncio.create_task(handler.scan(conn, AS_OF))
+            await _lock_waiter(pool, conn.get_server_pid(), scan)  # its insert waits for the other's key
+            await tx.commit()
+            assert await scan == 0
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM fired_triggers") == 1
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
             assert await conn.fetchval("SELECT winback_fired_for FROM customer_facts") == f.last_purchase_at
     finally:
         await pool.close()
