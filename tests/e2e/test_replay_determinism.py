@@ -171,7 +171,7 @@ def upstream_causes(first: dict, second: dict) -> dict[str, str]:
       tombstone in both. Identity's tombstones carry their event time (a header the event-time merge
       reads), but the merge can only wait 500 ms for the triggers topic, which is a hop behind: when
       triggers lags more, the tombstone is applied before that customer's earlier triggers arrive
-      (seen in 1 of 6 runs, 2 decisions). Closing it needs the tombstone to act only on triggers
+      (seen in 1 of 5 runs, 2 decisions). Closing it needs the tombstone to act only on triggers
       fired after it (a forget time kept with the versions) or progress watermarks between services.
     - merged with one of those: merged customers share frequency caps.
     """
