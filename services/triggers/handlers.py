@@ -406,7 +406,8 @@ class TriggersHandler:
         chunk and a repeated scan finds nothing left to fire. Customers the SQL cannot judge exactly,
         and every event-clock scan, go through the Python rules. Given a pool with connections to
         spare, up to `connections` take chunks as they come free (chunks hold disjoint customers), so
-        the database works on several chunks at once while Python encodes another.
+        the database works on several chunks at once while Python encodes another; the chunks'
+        sizes are staggered (_scan_parts) so the connections do not all wait on Python at once.
         """
         started = time.perf_counter()
         ids = await store.scan_candidates(conn, now, self.cfg, since)
@@ -428,7 +429,7 @@ class TriggersHandler:
                         # With a batch locking the same customers, or a trigger recorded meanwhile
                         # (store._SCAN_FIRE): rolled back, judged again.
                         done = None
-                if done is None:  # event clock, or a deadlock above: the Python rules, under row locks
+                if done is None:  # event clock, or rolled back above: the Python rules, under row locks
                     done = 0
                     for sub in _chunks(part, 5000):
                         async with c.transaction():
