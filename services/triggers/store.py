@@ -950,7 +950,9 @@ WITH new AS MATERIALIZED (  -- not recorded before (a re-derivation after an unm
     SELECT d.rn, d.kind, d.customer_id, d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires,
            e.trigger_id, e.code, e.key, e.value
     FROM scan_due d JOIN scan_enc e USING (rn)
-    WHERE NOT EXISTS (SELECT 1 FROM fired_triggers t WHERE t.trigger_id = e.trigger_id)
+    -- one probe of the key per trigger (OFFSET 0 keeps the planner from reading all of fired_triggers,
+    -- which only grows, to hash it)
+    WHERE NOT EXISTS (SELECT 1 FROM fired_triggers t WHERE t.trigger_id = e.trigger_id OFFSET 0)
 ), ins AS (  -- no ON CONFLICT: nothing else fires these customers' triggers while their facts rows are
              -- locked; should it happen, the unique violation rolls the chunk back for the Python rules
     INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, cause_event_id,
