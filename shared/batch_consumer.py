@@ -51,6 +51,9 @@ class Record:
     value: Any
     raw: bytes | None
     timestamp_ms: int
+    # Event time as the event-time merge ordered it (OMNICRM_CLOCK=event only): the record's own
+    # time, or for a tombstone the `omnicrm-event-at` header; None when it has neither.
+    at: dt.datetime | None = None
 
 
 Handler = Callable[[asyncpg.Connection, list[Record]], Awaitable[None]]
@@ -265,6 +268,7 @@ class BatchConsumer:
                 at = event_time(rec.value)
                 if at is None and m.headers:  # a tombstone that says when it happened
                     at = event_at_of(m.headers)
+                rec.at = at
                 order.add((m.topic, m.partition), m.offset, at, rec, arrived_ms)
             except PermanentError as exc:
                 order.add((m.topic, m.partition), m.offset, None,

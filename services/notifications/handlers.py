@@ -15,6 +15,9 @@ reached this service before the welcome or after. A trigger is held only while i
 version at all, and is released when the first one arrives, decided the same way; whether the hold
 ran out is judged on event times alone (the first version's valid_from against the hold's end,
 policy.EVENT_HORIZON after fired_at; the dispatcher's sweep ends it at the same event time).
+A tombstone dated by identity (merge-away, erasure) ends the customer from its event time: a trigger
+fired before it that reaches this service after it (triggers is a hop behind identity) is decided
+on the version then in force and stopped by the tombstone, as if it had arrived first.
 """
 
 from __future__ import annotations
@@ -87,18 +90,23 @@ class NotificationHandler:
         unmerged: list[str] = []
         triggers: list[Trigger] = []
         raw: dict[str, bytes] = {}  # trigger_id -> the record as consumed, kept if it is held
+        tombstoned_at: dict[str, dt.datetime | None] = {}  # event clock: when each one went
         for r in records:
             if r.topic == IDENTITY_PROFILES.name:
                 cid = r.value["customer_id"] if r.value else (r.key or b"").decode()
                 if cid:
                     profiles[cid] = r.value  # the latest in the batch wins
+                    if not r.value or r.value.get("erased"):
+                        tombstoned_at.setdefault(cid, r.at)
+                    else:
+                        tombstoned_at.pop(cid, None)
                     if r.value and not r.value.get("erased"):
                         if self.as_of_fired_at:  # each one is a version
                             versions.setdefault(cid, []).append(r.value)
                         else:
                             versions[cid] = [r.value]
-                    else:
-                        versions.pop(cid, None)
+                    elif not (self.as_of_fired_at and r.at is not None):
+                        versions.pop(cid, None)  # a dated tombstone keeps what came before it
             elif r.topic == IDENTITY_MERGES.name:
                 if r.value["kind"] == "merged":
                     merged.append((r.value["merged"], r.value["survivor"]))
@@ -122,14 +130,14 @@ class NotificationHandler:
         await store.upsert_stores(conn, sorted(stores.items()))
         await store.apply_merges(conn, merged, unmerged)
         applied = {cid: [contact_from_profile(v) for v in vs] for cid, vs in versions.items()}
-        live = [cs[-1] for cs in applied.values()]
         gone = [cid for cid, v in profiles.items() if v is None or v.get("erased")]
+        live = [cs[-1] for cid, cs in applied.items() if cid not in tombstoned_at]
         await store.upsert_contacts(conn, live, self.vault)
         now = self.clock.now()
         if self.as_of_fired_at:
             await store.add_versions(conn, [c for cs in applied.values() for c in cs], now)
         messages = []
-        for row in await store.forget(conn, gone, now):
+        for row in await store.forget(conn, gone, now, tombstoned_at if self.as_of_fired_at else None):
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
                                             occurred_at=now))
             self.metrics.status(row["channel"], SUPPRESSED, "erased")
@@ -220,6 +228,15 @@ class NotificationHandler:
             occurred = row["trigger_occurred_at"]
             if isinstance(occurred, dt.datetime) and row["held_trigger"] is None:
                 self.metrics.e2e_seconds.observe(max(0.0, (now - occurred).total_seconds()))
+        # Event clock: a trigger fired before its customer's dated tombstone but arriving after it
+        # was decided above on its profile version; the tombstone now stops it, as it would have
+        # stopped it had the trigger come first.
+        went = inputs["gone_from"]
+        late = sorted({d.trigger.customer_id for d in decisions if d.trigger.customer_id in went})
+        for row in await store.forget(conn, late, now, {cid: went[cid] for cid in late}):
+            messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
+                                            occurred_at=now))
+            self.metrics.status(row["channel"], SUPPRESSED, "erased")
         return messages
 
 

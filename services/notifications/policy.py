@@ -403,7 +403,8 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
                now: dt.datetime, rules: NotificationRules,
                store_timezones: Mapping[str, str] | None = None,
                as_of_fired_at: bool = False,
-               versions: Mapping[str, Sequence[Contact]] | None = None) -> list[Decision]:
+               versions: Mapping[str, Sequence[Contact]] | None = None,
+               gone_from: Mapping[str, dt.datetime] | None = None) -> list[Decision]:
     """Decide a batch: triggers already seen are dropped; per customer, higher priority first.
 
     Triggers released from a hold (their profile arrived) come in here too, with the new ones,
@@ -417,7 +418,11 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
     version in force then (`versions`, see version_at), counting for caps and duplicates only the
     decisions before it in event time ((fired_at, priority, trigger_id), see `decided_before`) and
     as they were decided, so the order in which the triggers reached this service does not matter.
+    A customer tombstoned at a known event time (`gone_from`) is erased for the triggers fired from
+    then on; one fired before is decided on its version like any other (the caller then stops it
+    as the tombstone stopped the customer's unsent messages).
     """
+    gone_from = gone_from or {}
     rank = {kind: i for i, kind in enumerate(rules.priority)}
     fresh: dict[str, Trigger] = {}
     for t in triggers:
@@ -433,8 +438,12 @@ def decide_all(triggers: Iterable[Trigger], *, contacts: Mapping[str, Contact],
     for t in ordered:
         prior = running.setdefault(t.customer_id, [])
         if as_of_fired_at and versions is not None:
-            contact, late = version_at(versions.get(t.customer_id, ()), t.fired_at)
-            d = decide(t, contact, erased=t.customer_id in erased, late=late, now=t.fired_at,
+            gone = t.customer_id in erased
+            if gone and t.customer_id in gone_from and t.fired_at < gone_from[t.customer_id]:
+                gone = False
+            contact, late = (None, False) if gone else version_at(versions.get(t.customer_id, ()),
+                                                                   t.fired_at)
+            d = decide(t, contact, erased=gone, late=late, now=t.fired_at,
                        history=decided_before(prior, t, rank), rules=rules,
                        store_timezones=store_timezones, counts=_as_decided)
         else:

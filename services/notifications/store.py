@@ -9,7 +9,7 @@ so a killed dispatcher's in-flight sends are picked up again at once by the next
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,9 +176,39 @@ ERASED_MESSAGES = "message_content"       # rendered subjects, bodies and templa
 ERASED_PENDING = "pending_notifications"  # unsent messages stopped (suppressed `erased`)
 
 
-async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str],
-                 erased_at: dt.datetime) -> list[asyncpg.Record]:
+_FORGET_VERSIONS = """
+DELETE FROM contact_versions v USING unnest($1::text[], $2::timestamptz[]) AS u(cid, since)
+WHERE v.customer_id = u.cid AND (u.since IS NULL OR v.valid_from >= u.since)
+RETURNING v.customer_id
+"""
+# The earliest dated tombstone wins; an undated one (it acts where it arrives) makes it gone for all.
+_MARK_FORGOTTEN = """
+INSERT INTO forgotten (customer_id, gone_from, keep_versions_until)
+SELECT u.cid, u.since, u.since + $3::interval FROM unnest($1::text[], $2::timestamptz[]) AS u(cid, since)
+ON CONFLICT (customer_id) DO UPDATE SET
+    gone_from = CASE WHEN forgotten.gone_from IS NULL OR EXCLUDED.gone_from IS NULL THEN NULL
+                     ELSE LEAST(forgotten.gone_from, EXCLUDED.gone_from) END,
+    keep_versions_until = CASE WHEN forgotten.gone_from IS NULL OR EXCLUDED.gone_from IS NULL THEN NULL
+                               ELSE LEAST(forgotten.keep_versions_until, EXCLUDED.keep_versions_until) END
+"""
+_DROP_KEPT_VERSIONS = """
+WITH due AS (
+    UPDATE forgotten SET keep_versions_until = NULL
+    WHERE keep_versions_until IS NOT NULL AND keep_versions_until < $1
+    RETURNING customer_id
+)
+DELETE FROM contact_versions v USING due WHERE v.customer_id = due.customer_id
+"""
+
+
+async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str], erased_at: dt.datetime,
+                 gone_from: Mapping[str, dt.datetime | None] | None = None) -> list[asyncpg.Record]:
     """Tombstone: drop contact points, remember the erasure, stop unsent messages, blank bodies.
+
+    `gone_from` (event clock): the tombstone's event time per customer. The profile versions
+    before it stay (no contact point in them) so a trigger fired earlier and arriving later is
+    decided as it would have been had it come first, then stopped here like any unsent message;
+    they go a horizon later. Without a time a customer is gone for every trigger.
 
     Records in `erasures` what was dropped for each customer (a replayed tombstone that finds
     nothing left keeps the first record). Returns the notifications that were still waiting
@@ -187,13 +217,13 @@ async def forget(conn: asyncpg.Connection, customer_ids: Sequence[str],
     if not customer_ids:
         return []
     ids = list(customer_ids)
+    since = [(gone_from or {}).get(cid) for cid in ids]
     contact = {r["customer_id"] for r in await conn.fetch(
-        "WITH latest AS (DELETE FROM contacts WHERE customer_id = ANY($1::text[]) RETURNING customer_id), "
-        "versions AS (DELETE FROM contact_versions WHERE customer_id = ANY($1::text[]) "
-        "RETURNING customer_id) "
-        "SELECT customer_id FROM latest UNION SELECT customer_id FROM versions", ids)}
-    await conn.execute(
-        "INSERT INTO forgotten (customer_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING", ids)
+        "DELETE FROM contacts WHERE customer_id = ANY($1::text[]) RETURNING customer_id", ids)}
+    contact |= {r["customer_id"] for r in await conn.fetch(_FORGET_VERSIONS, ids, since)}
+    await conn.execute(_MARK_FORGOTTEN, ids, since, VERSION_HORIZON)
+    if any(since):
+        await conn.execute(_DROP_KEPT_VERSIONS, erased_at)
     stopped = await conn.fetch(_FORGET_PENDING, ids)
     pending = {r["customer_id"] for r in stopped}
     # Rendered bodies may hold a first name: personal data goes with the profile.
@@ -346,8 +376,13 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
         contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
             "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
         profiles = list(contacts.values())
-    erased = {r["customer_id"] for r in await conn.fetch(
-        "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
+    gone_from: dict[str, dt.datetime] = {}
+    erased: set[str] = set()
+    for r in await conn.fetch(
+            "SELECT customer_id, gone_from FROM forgotten WHERE customer_id = ANY($1::text[])", cids):
+        erased.add(r["customer_id"])
+        if r["gone_from"] is not None:
+            gone_from[r["customer_id"]] = r["gone_from"]
     seen = {r["trigger_id"] for r in await conn.fetch(_SEEN, list(trigger_ids))}
     history: dict[str, list[PriorNotice]] = {}
     for r in await conn.fetch(_HISTORY, cids, sorted(ACTIVE), versioned):
@@ -358,7 +393,7 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
     stores = {r["store_id"]: r["timezone"] for r in await conn.fetch(
         "SELECT store_id, timezone FROM stores WHERE store_id = ANY($1::text[])", store_ids)}
     return {"contacts": contacts, "erased": erased, "seen": seen, "history": history,
-            "store_timezones": stores, "versions": versions}
+            "store_timezones": stores, "versions": versions, "gone_from": gone_from}
 
 
 _INSERT = """

@@ -217,3 +217,68 @@ async def test_a_tombstone_after_a_trigger_in_one_batch_acts_where_it_arrived(en
         published.setdefault(o["customer_id"], []).append((o["status"], o["reason"], o["channel"]))
     assert published["one"] == published["two"] == [("pending", None, "email"),
                                                     ("suppressed", "erased", "email")]
+
+
+def dated_tombstone(cid: str, at: dt.datetime):
+    """A tombstone as the event-time merge hands it over: dated by identity's event-at header."""
+    r = tombstone(cid)
+    r.at = at
+    return r
+
+
+async def published(pool) -> dict[str, list[tuple]]:
+    got: dict[str, list[tuple]] = {}
+    for o in await outcomes(pool):
+        got.setdefault(o["customer_id"], []).append((o["trigger_id"], o["status"], o["reason"], o["channel"]))
+    return got
+
+
+async def test_a_dated_tombstone_stops_earlier_triggers_whichever_arrived_first(env):
+    """Merged away at 12:05; the welcome fired at 12:00:01 reaches notifications before the
+    tombstone for `first` and after it for `late` (triggers is a hop behind identity). Both are
+    decided on the profile as it stood at 12:00:01, then stopped by the tombstone: the same outcomes
+    in the same order. A trigger fired after the tombstone's time is erased."""
+    pool, apply, _ = env
+    consented = {"email": "opted_in"}
+    gone = SIGNUP + dt.timedelta(minutes=5)
+    for cid in ("first", "late"):
+        await apply(profile(cid, SIGNUP, 1, consents=consented))
+    await apply(welcome("first", SIGNUP + SEC))
+    await apply(dated_tombstone("first", gone), dated_tombstone("late", gone))
+    await apply(welcome("late", SIGNUP + SEC))
+    after = trigger("after-late", "late", kind="welcome", at=gone + SEC, period="")
+    await apply(after)
+    got = await published(pool)
+    assert [o[1:] for o in got["first"]] == [o[1:] for o in got["late"][:2]] == [
+        ("pending", None, "email"), ("suppressed", "erased", "email")]
+    assert got["late"][2] == ("after-late", "suppressed", "erased", None)
+    assert (await decision(pool, "w-first"))[:3] == (await decision(pool, "w-late"))[:3]
+    # the body rendered for the late decision went with the profile, as the first one's did
+    assert (await decision(pool, "w-late"))[-1] is None
+    assert await clear_contact_data(pool) == []
+
+
+async def test_versions_kept_past_a_dated_tombstone_go_a_horizon_later(env):
+    pool, apply, clock = env
+    gone = SIGNUP + dt.timedelta(minutes=5)
+    await apply(profile("m", SIGNUP, 1), profile("m", gone + SEC, 2))  # 2 came after: dropped
+    await apply(dated_tombstone("m", gone))
+    kept = [r["version"] for r in await pool.fetch(
+        "SELECT version FROM contact_versions WHERE customer_id = 'm'")]
+    assert kept == [1]
+    assert await pool.fetchval("SELECT count(*) FROM contacts WHERE customer_id = 'm'") == 0
+    clock.observe(gone + EVENT_HORIZON + SEC)
+    await apply(profile("n", SIGNUP, 1), dated_tombstone("n", gone + EVENT_HORIZON))
+    assert await pool.fetchval("SELECT count(*) FROM contact_versions WHERE customer_id = 'm'") == 0
+    assert await pool.fetchval("SELECT count(*) FROM contact_versions WHERE customer_id = 'n'") == 1
+
+
+async def test_an_undated_tombstone_after_a_dated_one_erases_for_every_trigger(env):
+    pool, apply, _ = env
+    gone = SIGNUP + dt.timedelta(minutes=5)
+    await apply(profile("u", SIGNUP, 1, consents={"email": "opted_in"}))
+    await apply(dated_tombstone("u", gone))
+    await apply(tombstone("u"))
+    assert await pool.fetchval("SELECT count(*) FROM contact_versions WHERE customer_id = 'u'") == 0
+    await apply(welcome("u", SIGNUP + SEC))
+    assert (await decision(pool, "w-u"))[:2] == ("suppressed", "erased")
