@@ -50,6 +50,14 @@ class Vault:
 
     keys: tuple[tuple[str, bytes], ...] = field(repr=False)
     index_key: bytes = field(repr=False)
+    # One AES-GCM context per key, built once: building it costs more than sealing a short value.
+    _aead: dict[str, AESGCM] = field(init=False, repr=False, compare=False)
+    _header: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_aead", {kid: AESGCM(key) for kid, key in self.keys})
+        kid = self.keys[0][0].encode()
+        object.__setattr__(self, "_header", _MAGIC + bytes([len(kid)]) + kid)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, embedded: bool = True) -> Vault:
@@ -78,10 +86,9 @@ class Vault:
 
     def seal(self, plaintext: str, context: str) -> bytes:
         """`01 | len(kid) | kid | nonce(12) | ciphertext+tag`; `context` is bound as associated data."""
-        kid, key = self.keys[0]
         nonce = os.urandom(12)
-        body = AESGCM(key).encrypt(nonce, plaintext.encode(), context.encode())
-        return _MAGIC + bytes([len(kid)]) + kid.encode() + nonce + body
+        body = self._aead[self.keys[0][0]].encrypt(nonce, plaintext.encode(), context.encode())
+        return self._header + nonce + body
 
     def open(self, sealed: bytes, context: str) -> str:
         if not sealed or sealed[:1] != _MAGIC:
@@ -89,11 +96,11 @@ class Vault:
         n = sealed[1]
         kid = sealed[2:2 + n].decode()
         nonce, body = sealed[2 + n:14 + n], sealed[14 + n:]
-        key = dict(self.keys).get(kid)
-        if key is None:
+        aead = self._aead.get(kid)
+        if aead is None:
             raise DecryptionError(f"sealed with key {kid!r}, which is not in OMNICRM_DATA_KEYS")
         try:
-            return AESGCM(key).decrypt(nonce, body, context.encode()).decode()
+            return aead.decrypt(nonce, body, context.encode()).decode()
         except InvalidTag:
             raise DecryptionError("sealed value failed authentication") from None
 
