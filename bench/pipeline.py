@@ -129,11 +129,11 @@ def listener_of(bootstrap: str) -> int:
 def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
     """CPU time so far of each service process, the broker and the pipeline's PostgreSQL server.
 
-    PostgreSQL: only the server the pipeline uses (not another one on this machine), all of it: the
-    postmaster, its live processes, and those that exited (the postmaster's reaped children's
-    times). A live backend whose title names a service's client port is that service's; the rest
-    (other clients of its database, exited backends, WAL writer, checkpointer, autovacuum) is
-    `postgres.other`; live clients of other databases are left out (`postgres.elsewhere`).
+    PostgreSQL: only the server the pipeline uses (not another one on this machine): the postmaster
+    and its live processes. A backend whose title names a service's client port is that service's;
+    the rest (other clients of the pipeline's database, WAL writer, checkpointer, autovacuum) is
+    `postgres.other`; clients of other databases are left out, and so is a
+    backend that exited between the two looks (the services' pooled connections live throughout).
     """
     out: dict[str, float] = {}
     for name, proc in p.procs.items():
@@ -152,7 +152,7 @@ def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
     database = p.dsn.rsplit("/", 1)[1].split("?")[0]
     server = psutil.Process(postmaster)
     t = server.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system
     attributed = 0.0
     for proc in server.children():
         with contextlib.suppress(psutil.Error):
@@ -163,9 +163,7 @@ def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
             port = re.search(r"\((\d+)\)", title)
             who = owner.get(int(port.group(1))) if port else None
             if port and not who and f" {database} " not in title:
-                # another database's client (a test run beside the bench): not this pipeline's cost
-                total -= used
-                out["postgres.elsewhere"] = out.get("postgres.elsewhere", 0.0) + used
+                total -= used  # another database's client (a test run beside the bench)
             elif who:
                 out[f"postgres.{who}"] = out.get(f"postgres.{who}", 0.0) + used
                 attributed += used
