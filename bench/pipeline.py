@@ -74,7 +74,12 @@ class Outcomes:
 
 
 async def publish(http: httpx.AsyncClient, url: str, events: list[dict]) -> None:
-    r = await http.post(f"{url}/v1/events", json={"events": events}, headers=auth(INGEST_KEY))
+    try:
+        r = await http.post(f"{url}/v1/events", json={"events": events}, headers=auth(INGEST_KEY))
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        # a kept-alive connection the server closed as it was reused: send again (event ids
+        # make the retry a duplicate, never a second event)
+        r = await http.post(f"{url}/v1/events", json={"events": events}, headers=auth(INGEST_KEY))
     r.raise_for_status()
     body = r.json()
     if body["accepted"] + body["duplicates"] != len(events):
