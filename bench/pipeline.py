@@ -182,6 +182,27 @@ def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
     return out
 
 
+async def batch_totals(p: Pipeline) -> dict[str, tuple[float, float]]:
+    """Each service's consumed records and batches so far (its batch-size histogram's sum, count)."""
+    out: dict[str, tuple[float, float]] = {}
+    async with httpx.AsyncClient(timeout=5) as http:
+        for name in SERVICES:
+            total = count = 0.0
+            for line in (await http.get(f"{p.url(name)}/metrics")).text.splitlines():
+                if line.startswith(f"omnicrm_{name}_batch_size_sum"):
+                    total += float(line.rsplit(" ", 1)[1])
+                elif line.startswith(f"omnicrm_{name}_batch_size_count"):
+                    count += float(line.rsplit(" ", 1)[1])
+            out[name] = (total, count)
+    return out
+
+
+def per_batch(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict:
+    """Mean records per consumed batch of each service over a phase (small batches cost more each)."""
+    return {"records_per_batch": {k: round((after[k][0] - before[k][0]) / max(1.0, after[k][1] - before[k][1]), 1)
+                                  for k in after}}
+
+
 def cpu_per_event(before: dict[str, float], after: dict[str, float], events: int, seconds: float) -> dict:
     """µs of CPU per event per process over a phase, and how busy the machine's cores were."""
     us = {k: round((after[k] - before.get(k, 0.0)) * 1e6 / events) for k in after if k != "machine_busy"}
@@ -212,7 +233,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
         base = len(outcomes.decided)
 
         tag = uuid.uuid4().hex[:6]
-        cpu_before = cpu_seconds(p, postmaster, broker)
+        cpu_before, batches_before = cpu_seconds(p, postmaster, broker), await batch_totals(p)
         started = time.perf_counter()
         for lo in range(0, n, 1000):
             now = dt.datetime.now(UTC)
@@ -226,6 +247,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
                 raise TimeoutError(f"{len(outcomes.decided) - base} of {n} decided in 900 s")
         drained_s = time.perf_counter() - started
         sustained_cpu = cpu_per_event(cpu_before, cpu_seconds(p, postmaster, broker), n, drained_s)
+        sustained_cpu.update(per_batch(batches_before, await batch_totals(p)))
         # the steady phase starts from a quiet pipeline: the burst's sends and relays are done
         await eventually(lambda: quiet(p), timeout=600, interval=0.5, message="pipeline quiet after the burst")
 
@@ -233,7 +255,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
         base = len(outcomes.decided)
         tag = uuid.uuid4().hex[:6]
         steady_ids = []
-        cpu_before = cpu_seconds(p, postmaster, broker)
+        cpu_before, batches_before = cpu_seconds(p, postmaster, broker), await batch_totals(p)
         tick_start = time.perf_counter()
         i = 0
         while time.perf_counter() - tick_start < steady_seconds:
@@ -248,6 +270,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
         achieved = i / (time.perf_counter() - tick_start)
         await wait_for(outcomes, base + i, 300)
         steady_cpu = cpu_per_event(cpu_before, cpu_seconds(p, postmaster, broker), i, time.perf_counter() - tick_start)
+        steady_cpu.update(per_batch(batches_before, await batch_totals(p)))
     outcomes.task.cancel()
     latencies = sorted(list(outcomes.decided.values())[base:base + i])
     q = statistics.quantiles(latencies, n=100)

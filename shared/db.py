@@ -51,13 +51,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               decoder=orjson.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's reset query (advisory unlock all, CLOSE ALL, UNLISTEN, RESET ALL).
+
+    That query is a round trip on every release, i.e. on every batch of every service, for state
+    this code never leaves on a pooled connection: settings are SET LOCAL, locks are transaction
+    locks (the one session lock, `Runtime.as_leader`, is released in a finally), nothing LISTENs or
+    keeps a cursor. asyncpg still rolls back a transaction left open before this is called.
+    """
+
+
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
                       statement_timeout_ms: int = 30000) -> asyncpg.Pool:
     """A pool whose connections work in `schema` (then public) with JSON codecs registered."""
     check_schema_name(schema)
     try:
         return await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+            dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
             server_settings={
                 "search_path": f"{schema},public",
                 "statement_timeout": str(statement_timeout_ms),
