@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import re
 import statistics
 import sys
 import time
@@ -131,14 +130,15 @@ def listener_of(bootstrap: str) -> int:
     raise RuntimeError(f"nothing listens on {bootstrap}")
 
 
-def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
+async def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
     """CPU time so far of each service process, the broker and the pipeline's PostgreSQL server.
 
     PostgreSQL: only the server the pipeline uses (not another one on this machine): the postmaster
-    and its live processes. A backend whose title names a service's client port is that service's;
-    the rest (other clients of the pipeline's database, WAL writer, checkpointer, autovacuum) is
-    `postgres.other`; clients of other databases are left out, and so is a
-    backend that exited between the two looks (the services' pooled connections live throughout).
+    and its live processes. A backend whose application_name is a service's pool
+    (`omnicrm-<service>`) is that service's; the rest (other clients of the pipeline's database,
+    WAL writer, checkpointer, autovacuum) is `postgres.other`; clients of other databases are left
+    out, and so is a backend that exited between the two looks (the services' pooled connections
+    live throughout).
     """
     out: dict[str, float] = {}
     for name, proc in p.procs.items():
@@ -147,14 +147,14 @@ def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
             out[name] = t.user + t.system
         except psutil.Error:
             pass
-    # a PostgreSQL backend's title names its client's port; the service holding that port owns its CPU
-    owner: dict[int, str] = {}
-    for name, proc in p.procs.items():
-        with contextlib.suppress(psutil.Error):
-            for c in psutil.Process(proc.pid).net_connections(kind="tcp"):
-                if c.raddr and c.laddr:
-                    owner[c.laddr.port] = name
-    database = p.dsn.rsplit("/", 1)[1].split("?")[0]
+    conn = await asyncpg.connect(p.dsn)
+    try:
+        clients = {r["pid"]: (r["datname"], r["application_name"]) for r in await conn.fetch(
+            "SELECT pid, datname, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'")}
+        database = await conn.fetchval("SELECT current_database()")
+    finally:
+        await conn.close()
+    services = {f"omnicrm-{name}": name for name in SERVICES}
     server = psutil.Process(postmaster)
     t = server.cpu_times()
     total = t.user + t.system
@@ -163,13 +163,12 @@ def cpu_seconds(p: Pipeline, postmaster: int, broker: int) -> dict[str, float]:
         with contextlib.suppress(psutil.Error):
             ct = proc.cpu_times()
             used = ct.user + ct.system
+            datname, app = clients.get(proc.pid, (None, None))
+            who = services.get(app or "")
+            if datname is not None and datname != database:
+                continue  # another database's client (a test run beside the bench)
             total += used
-            title = " ".join(proc.cmdline())
-            port = re.search(r"\((\d+)\)", title)
-            who = owner.get(int(port.group(1))) if port else None
-            if port and not who and f" {database} " not in title:
-                total -= used  # another database's client (a test run beside the bench)
-            elif who:
+            if who:
                 out[f"postgres.{who}"] = out.get(f"postgres.{who}", 0.0) + used
                 attributed += used
     out["postgres"] = total
@@ -233,7 +232,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
         base = len(outcomes.decided)
 
         tag = uuid.uuid4().hex[:6]
-        cpu_before, batches_before = cpu_seconds(p, postmaster, broker), await batch_totals(p)
+        cpu_before, batches_before = await cpu_seconds(p, postmaster, broker), await batch_totals(p)
         started = time.perf_counter()
         for lo in range(0, n, 1000):
             now = dt.datetime.now(UTC)
@@ -246,7 +245,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
             if time.perf_counter() - started > 900:
                 raise TimeoutError(f"{len(outcomes.decided) - base} of {n} decided in 900 s")
         drained_s = time.perf_counter() - started
-        sustained_cpu = cpu_per_event(cpu_before, cpu_seconds(p, postmaster, broker), n, drained_s)
+        sustained_cpu = cpu_per_event(cpu_before, await cpu_seconds(p, postmaster, broker), n, drained_s)
         sustained_cpu.update(per_batch(batches_before, await batch_totals(p)))
         # the steady phase starts from a quiet pipeline: the burst's sends and relays are done
         await eventually(lambda: quiet(p), timeout=600, interval=0.5, message="pipeline quiet after the burst")
@@ -255,7 +254,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
         base = len(outcomes.decided)
         tag = uuid.uuid4().hex[:6]
         steady_ids = []
-        cpu_before, batches_before = cpu_seconds(p, postmaster, broker), await batch_totals(p)
+        cpu_before, batches_before = await cpu_seconds(p, postmaster, broker), await batch_totals(p)
         tick_start = time.perf_counter()
         i = 0
         while time.perf_counter() - tick_start < steady_seconds:
@@ -269,7 +268,7 @@ async def measure(p: Pipeline, n: int, steady_seconds: int) -> dict:
             await asyncio.sleep(max(0.0, next_tick - time.perf_counter()))
         achieved = i / (time.perf_counter() - tick_start)
         await wait_for(outcomes, base + i, 300)
-        steady_cpu = cpu_per_event(cpu_before, cpu_seconds(p, postmaster, broker), i, time.perf_counter() - tick_start)
+        steady_cpu = cpu_per_event(cpu_before, await cpu_seconds(p, postmaster, broker), i, time.perf_counter() - tick_start)
         steady_cpu.update(per_batch(batches_before, await batch_totals(p)))
     outcomes.task.cancel()
     latencies = sorted(list(outcomes.decided.values())[base:base + i])

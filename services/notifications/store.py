@@ -53,6 +53,12 @@ ON CONFLICT (customer_id) DO UPDATE SET
     consents = EXCLUDED.consents, version = EXCLUDED.version, updated_at = now()
 WHERE contacts.version <= EXCLUDED.version
 """
+# The profile is back (an unmerge, a new profile after an erasure): no longer forgotten. One round
+# trip with the upsert (a data-modifying WITH runs whether or not the query reads it).
+_UPSERT_CONTACTS_AND_UNFORGET = f"""
+WITH unforget AS (DELETE FROM forgotten WHERE customer_id = ANY($1::text[]))
+{_UPSERT_CONTACTS.strip()}
+"""
 
 
 def _pg_array(values: Iterable[str]) -> str:
@@ -74,7 +80,7 @@ async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact],
     if not contacts:
         return
     await conn.execute(
-        _UPSERT_CONTACTS,
+        _UPSERT_CONTACTS_AND_UNFORGET,
         [c.customer_id for c in contacts],
         [_sealed_array(vault, c, "emails") for c in contacts],
         [_sealed_array(vault, c, "phones") for c in contacts],
@@ -88,8 +94,6 @@ async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact],
         [orjson.dumps(dict(c.consents)).decode() for c in contacts],
         [c.version for c in contacts],
     )
-    await conn.execute("DELETE FROM forgotten WHERE customer_id = ANY($1::text[])",
-                       [c.customer_id for c in contacts])
 
 
 # Versions (event clock): each applied profile, valid from its updated_at, with the channels it had a
@@ -352,8 +356,13 @@ _VERSIONS_OF = """
 SELECT v.* FROM unnest($1::text[]) AS u(cid) JOIN contact_versions v ON v.customer_id = u.cid
 ORDER BY v.customer_id, v.valid_from, v.version
 """
-_SEEN = """
-SELECT DISTINCT n.trigger_id FROM unnest($1::text[]) AS u(tid) JOIN notifications n ON n.trigger_id = u.tid
+# Which customers are forgotten (and from when) and which triggers were decided already: one
+# round trip for both.
+_FORGOTTEN_AND_SEEN = """
+SELECT false, customer_id, gone_from FROM forgotten WHERE customer_id = ANY($1::text[])
+UNION ALL
+SELECT DISTINCT true, n.trigger_id, NULL::timestamptz
+FROM unnest($2::text[]) AS u(tid) JOIN notifications n ON n.trigger_id = u.tid
 """
 
 
@@ -378,12 +387,14 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
         profiles = list(contacts.values())
     gone_from: dict[str, dt.datetime] = {}
     erased: set[str] = set()
-    for r in await conn.fetch(
-            "SELECT customer_id, gone_from FROM forgotten WHERE customer_id = ANY($1::text[])", cids):
-        erased.add(r["customer_id"])
-        if r["gone_from"] is not None:
-            gone_from[r["customer_id"]] = r["gone_from"]
-    seen = {r["trigger_id"] for r in await conn.fetch(_SEEN, list(trigger_ids))}
+    seen: set[str] = set()
+    for is_seen, key, at in await conn.fetch(_FORGOTTEN_AND_SEEN, cids, list(trigger_ids)):
+        if is_seen:
+            seen.add(key)
+        else:
+            erased.add(key)
+            if at is not None:
+                gone_from[key] = at
     history: dict[str, list[PriorNotice]] = {}
     for r in await conn.fetch(_HISTORY, cids, sorted(ACTIVE), versioned):
         history.setdefault(r["cid"], []).append(PriorNotice(

@@ -247,3 +247,50 @@ async def test_event_order_applies_partitions_merged_by_event_time(broker, datab
 
 async def _at_least(items: list, n: int) -> bool:
     return len(items) >= n
+
+
+async def test_a_position_moved_by_someone_else_is_read_again_not_overwritten(database, unique):
+    """A worker advances the positions it stored itself in one statement, only where they are still
+    what it stored. Moved under it (an offsets reset, a worker that lost the partition and wrote
+    anyway), the batch reads the stored position under lock: records before it are not applied
+    again and the position does not go back."""
+    from collections import namedtuple
+
+    from shared.batch_consumer import BatchConsumer
+    from shared.db import setup_database
+    from shared.metrics import ServiceMetrics
+
+    Msg = namedtuple("Msg", "topic partition offset key value timestamp headers")
+    topic = f"bc.moved.{unique}"
+    pool = await setup_database(database, f"bc_moved_{unique}", None, max_size=2)
+    applied: list[int] = []
+
+    async def handler(conn, records) -> None:
+        applied.extend(r.offset for r in records)
+
+    consumer = BatchConsumer(service="moved", bootstrap="127.0.0.1:1", group_id=f"g-{unique}",
+                             topics=[Topic(topic, MERGE)], pool=pool, handler=handler, codec=CODEC,
+                             metrics=ServiceMetrics(f"moved{unique}"), dlq_topic=f"{topic}.dlq")
+
+    def batch(lo: int, hi: int) -> list:
+        return [Msg(topic, 0, i, None, merge_record(i), 0, []) for i in range(lo, hi)]
+
+    async def stored() -> int:
+        return await pool.fetchval("SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+                                   f"g-{unique}", topic)
+
+    try:
+        await consumer.process(batch(0, 10))
+        await consumer.process(batch(10, 20))  # the one-statement advance
+        assert applied == list(range(20)) and await stored() == 20
+        await pool.execute("UPDATE consumer_offsets SET next_offset = 30 WHERE group_id = $1", f"g-{unique}")
+        await consumer.process(batch(20, 35))  # 20..29 were applied elsewhere
+        assert applied == list(range(20)) + list(range(30, 35))
+        assert await stored() == 35
+        await pool.execute("UPDATE consumer_offsets SET next_offset = 50 WHERE group_id = $1", f"g-{unique}")
+        await consumer.process(batch(35, 40))  # all of it before the stored position
+        assert applied[-1] == 34 and await stored() == 50, "the position never goes back"
+        await consumer.process(batch(50, 52))
+        assert applied[-2:] == [50, 51] and await stored() == 52
+    finally:
+        await pool.close()
