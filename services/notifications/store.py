@@ -352,9 +352,17 @@ WHERE n.status = ANY($2::text[]) OR ($3 AND n.channel IS NOT NULL)
 # Joined to unnest, not `= ANY($1)`: a cached generic plan planned while the table was small can
 # keep a sequential scan whose filter walks the whole array for every row (a cost that grows with
 # table x batch); a join is index lookups or one hash either way.
+# With the home store's time zone (the fallback when the profile has none): one round trip.
 _VERSIONS_OF = """
-SELECT v.* FROM unnest($1::text[]) AS u(cid) JOIN contact_versions v ON v.customer_id = u.cid
+SELECT v.*, s.timezone AS store_timezone
+FROM unnest($1::text[]) AS u(cid) JOIN contact_versions v ON v.customer_id = u.cid
+LEFT JOIN stores s ON s.store_id = v.home_store_id
 ORDER BY v.customer_id, v.valid_from, v.version
+"""
+_CONTACTS_OF = """
+SELECT c.*, s.timezone AS store_timezone
+FROM contacts c LEFT JOIN stores s ON s.store_id = c.home_store_id
+WHERE c.customer_id = ANY($1::text[])
 """
 # Which customers are forgotten (and from when) and which triggers were decided already: one
 # round trip for both.
@@ -376,15 +384,18 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
     cids = list(set(customer_ids))
     contacts: dict[str, Contact] = {}
     versions: dict[str, list[Contact]] | None = None
+    stores: dict[str, str] = {}
     if versioned:
         versions = {}
         for r in await conn.fetch(_VERSIONS_OF, cids):
             versions.setdefault(r["customer_id"], []).append(version_from_row(r))
-        profiles: list[Contact] = [v for vs in versions.values() for v in vs]
+            if r["store_timezone"] is not None:
+                stores[r["home_store_id"]] = r["store_timezone"]
     else:
-        contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
-            "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
-        profiles = list(contacts.values())
+        for r in await conn.fetch(_CONTACTS_OF, cids):
+            contacts[r["customer_id"]] = contact_from_row(r)
+            if r["store_timezone"] is not None:
+                stores[r["home_store_id"]] = r["store_timezone"]
     gone_from: dict[str, dt.datetime] = {}
     erased: set[str] = set()
     seen: set[str] = set()
@@ -400,9 +411,6 @@ async def decision_inputs(conn: asyncpg.Connection, customer_ids: Sequence[str],
         history.setdefault(r["cid"], []).append(PriorNotice(
             r["trigger_id"], r["kind"], r["period"], r["promotional"], r["cap_date"], r["status"],
             r["reason"], at=r["decided_at"], channel=r["channel"]))
-    store_ids = list({c.home_store_id for c in profiles if c.home_store_id})
-    stores = {r["store_id"]: r["timezone"] for r in await conn.fetch(
-        "SELECT store_id, timezone FROM stores WHERE store_id = ANY($1::text[])", store_ids)}
     return {"contacts": contacts, "erased": erased, "seen": seen, "history": history,
             "store_timezones": stores, "versions": versions, "gone_from": gone_from}
 
