@@ -132,7 +132,7 @@ class NotificationHandler:
         applied = {cid: [contact_from_profile(v) for v in vs] for cid, vs in versions.items()}
         gone = [cid for cid, v in profiles.items() if v is None or v.get("erased")]
         live = [cs[-1] for cid, cs in applied.items() if cid not in tombstoned_at]
-        await store.upsert_contacts(conn, live, self.vault)
+        held = await store.upsert_contacts(conn, live, self.vault)
         now = self.clock.now()
         if self.as_of_fired_at:
             await store.add_versions(conn, [c for cs in applied.values() for c in cs], now)
@@ -141,7 +141,9 @@ class NotificationHandler:
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
                                             occurred_at=now))
             self.metrics.status(row["channel"], SUPPRESSED, "erased")
-        released, expired = await self._release(conn, list(applied))
+        # Held triggers of the customers whose profile was applied: those of live customers came
+        # with the upsert; a customer tombstoned in this batch had theirs stopped by forget.
+        released, expired = await self._release(conn, held)
         messages += expired
         if triggers or released:
             messages += await self._decide(conn, triggers, raw, released)
@@ -152,7 +154,7 @@ class NotificationHandler:
         return messages
 
     async def _release(self, conn: asyncpg.Connection,
-                       customers: list[str]) -> tuple[list[Trigger], list]:
+                       held: list[asyncpg.Record]) -> tuple[list[Trigger], list]:
         """Held triggers of customers whose profile was just applied: to decide now, or too late.
 
         Wall clock: a hold whose grace period is already over ends no_contact here exactly as the
@@ -160,7 +162,6 @@ class NotificationHandler:
         (policy.version_at judges a first version that came after the hold's end as its end, on
         event times alone).
         """
-        held = await store.held_for(conn, customers)
         if not held:
             return [], []
         now = self.clock.now()

@@ -53,11 +53,17 @@ ON CONFLICT (customer_id) DO UPDATE SET
     consents = EXCLUDED.consents, version = EXCLUDED.version, updated_at = now()
 WHERE contacts.version <= EXCLUDED.version
 """
-# The profile is back (an unmerge, a new profile after an erasure): no longer forgotten. One round
-# trip with the upsert (a data-modifying WITH runs whether or not the query reads it).
-_UPSERT_CONTACTS_AND_UNFORGET = f"""
-WITH unforget AS (DELETE FROM forgotten WHERE customer_id = ANY($1::text[]))
-{_UPSERT_CONTACTS.strip()}
+# One round trip for what applying profiles does (a data-modifying WITH runs whether or not the
+# query reads it): the upsert; no longer forgotten (an unmerge, a profile after an erasure); and the
+# triggers held for these customers (waiting for their profile), locked until this transaction ends.
+_APPLY_CONTACTS = f"""
+WITH unforget AS (DELETE FROM forgotten WHERE customer_id = ANY($1::text[])),
+upserted AS ({_UPSERT_CONTACTS.strip()} RETURNING 1)
+SELECT notification_id, trigger_id, customer_id, due_at, held_trigger FROM notifications
+WHERE customer_id = ANY($1::text[]) AND status = 'pending' AND reason = 'awaiting_profile'
+  AND channel IS NULL
+ORDER BY customer_id, trigger_id
+FOR UPDATE
 """
 
 
@@ -75,12 +81,16 @@ def _sealed_array(vault: Vault, contact: Contact, column: str) -> str:
     return "{" + ",".join(b.hex() for b in blobs) + "}"
 
 
-async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact], vault: Vault) -> None:
-    """Keep the latest profile of each customer; contact points are sealed before they leave."""
+async def upsert_contacts(conn: asyncpg.Connection, contacts: Sequence[Contact],
+                          vault: Vault) -> list[asyncpg.Record]:
+    """Keep the latest profile of each customer; contact points are sealed before they leave.
+
+    Returns their triggers held for the profile, locked, for the caller to release.
+    """
     if not contacts:
-        return
-    await conn.execute(
-        _UPSERT_CONTACTS_AND_UNFORGET,
+        return []
+    return await conn.fetch(
+        _APPLY_CONTACTS,
         [c.customer_id for c in contacts],
         [_sealed_array(vault, c, "emails") for c in contacts],
         [_sealed_array(vault, c, "phones") for c in contacts],
@@ -470,13 +480,6 @@ def decision_row(d: Decision, *, subject: str | None, body: str | None, locale: 
 
 # -- triggers held for their profile -------------------------------------------------------------
 
-_HELD_FOR = """
-SELECT notification_id, trigger_id, customer_id, due_at, held_trigger FROM notifications
-WHERE customer_id = ANY($1::text[]) AND status = 'pending' AND reason = 'awaiting_profile'
-  AND channel IS NULL
-ORDER BY customer_id, trigger_id
-FOR UPDATE
-"""
 # Rows a consumer transaction is releasing right now are skipped (SKIP LOCKED): no waiting, no
 # deadlock, and whichever commits first wins (the other finds the row no longer held).
 _EXPIRE_HELD = """
@@ -492,13 +495,6 @@ UPDATE notifications n SET status = 'suppressed', reason = 'no_contact', due_at 
 FROM due WHERE n.notification_id = due.notification_id
 RETURNING n.*
 """
-
-
-async def held_for(conn: asyncpg.Connection, customer_ids: Sequence[str]) -> list[asyncpg.Record]:
-    """The customers' triggers waiting for their profile, locked until this transaction ends."""
-    if not customer_ids:
-        return []
-    return await conn.fetch(_HELD_FOR, sorted(set(customer_ids)))
 
 
 async def expire_held(conn: asyncpg.Connection, now: dt.datetime,
