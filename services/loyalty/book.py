@@ -77,6 +77,9 @@ class Book:
         self.rejections: list[Rejection] = []
         self.dirty_accounts: dict[str, Account] = {}
         self.dirty_orders: dict[str, Order] = {}
+        # Keys of dirty_orders this book created: sales of orders the store was asked for and did
+        # not have (written with a plain INSERT; the others are upserted).
+        self.new_orders: set[str] = set()
         self.moves: list[tuple[str, str]] = []                      # (merge_id, order_key)
         self.alias_changes: dict[str, tuple[str, str] | None] = {}  # merged -> (survivor, merge_id) | None
         self.merges: list[tuple[str, str, MergeCommand, int]] = []  # (merge_id, kind, command, points)
@@ -187,6 +190,7 @@ class Book:
         self.orders[key] = order
         acct.orders[key] = order
         self.dirty_orders[key] = order
+        self.new_orders.add(key)
         if order.sale_at > as_of - self.rules.window and gross > 0:
             acct.trailing_spend += gross
             exit_at = order.sale_at + self.rules.window

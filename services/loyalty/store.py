@@ -63,12 +63,18 @@ FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS u(e, n)
 ORDER BY n
 ON CONFLICT (event_id, kind) DO NOTHING
 """
-_UPSERT_ORDERS = f"""
+_ORDER_ROWS = f"""
 INSERT INTO orders ({_ORDER_COLUMNS})
 SELECT e->>0, e->>1, e->>2, e->>3, (e->>4)::timestamptz, e->>5, (e->>6)::bigint,
        (e->>7)::bigint, (e->>8)::bigint, (e->>9)::bigint, (e->>10)::bigint, (e->>11)::bigint,
        (e->>12)::bigint, (e->>13)::timestamptz
 FROM jsonb_array_elements($1::text::jsonb) AS u(e)
+"""
+# Orders the batch created (their keys were looked up under the batch's locks and not found): a
+# plain INSERT, which skips ON CONFLICT's extra probe of the primary key per row. Two workers
+# selling one order id at once make the second fail on the key and retry, finding the order.
+_INSERT_ORDERS = _ORDER_ROWS
+_UPSERT_ORDERS = _ORDER_ROWS + """
 ON CONFLICT (order_key) DO UPDATE SET order_id = EXCLUDED.order_id, owner = EXCLUDED.owner,
     refunded = EXCLUDED.refunded, spend = EXCLUDED.spend, reversed = EXCLUDED.reversed,
     remaining = EXCLUDED.remaining
@@ -123,10 +129,9 @@ async def lock_accounts(conn: asyncpg.Connection, ids: Iterable[str],
         else:
             # Spend is carried forward until its window moves; load_orders makes it exact then.
             # Lots are loaded only for members whose points are consumed (load_orders).
-            accounts[r[0]] = Account(r[0], balance=r[1], tier=r[2], trailing_spend=r[3],
-                                     evaluated_at=r[4], review_at=r[5], merged_into=r[6],
-                                     erased=r[7], spend_exact=False, lots_loaded=False,
-                                     next_expiry_at=r[8])
+            # (Positional, in Account's field order: this runs for every member of a batch.)
+            accounts[r[0]] = Account(r[0], r[1], r[2], [], False, r[8], None, {}, False, r[5],
+                                     r[6], r[7], r[3], r[4])
     return accounts, new
 
 
@@ -271,11 +276,17 @@ async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice],
                 (e.entry_id, e.customer_id, e.kind, e.points, e.balance_after, e.event_id,
                  e.order_id, e.occurred_at, e.expires_at, e.detail) for e in book.entries]))
         if book.dirty_orders:
-            payload = _json([
-                (o.order_key, o.order_id, o.owner, o.sale_event_id, o.sale_at, o.currency, o.total,
-                 o.refunded, o.gross_spend, o.spend, o.earned, o.reversed, o.remaining, o.expires_at)
-                for o in book.dirty_orders.values()])
-            await flight.send(_UPSERT_ORDERS, payload)
+            new = book.new_orders
+            fresh, changed = [], []
+            for o in book.dirty_orders.values():
+                (fresh if o.order_key in new else changed).append(
+                    (o.order_key, o.order_id, o.owner, o.sale_event_id, o.sale_at, o.currency,
+                     o.total, o.refunded, o.gross_spend, o.spend, o.earned, o.reversed,
+                     o.remaining, o.expires_at))
+            if fresh:
+                await flight.send(_INSERT_ORDERS, _json(fresh))
+            if changed:
+                await flight.send(_UPSERT_ORDERS, _json(changed))
         if book.dirty_accounts:
             accts = sorted(book.dirty_accounts.values(), key=lambda a: a.customer_id)
             payload = _json([

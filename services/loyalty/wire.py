@@ -19,6 +19,7 @@ from shared.topics import LOYALTY, RESOLVED, Topic
 _FIELDS = ["event_id", "kind", "customer_id", "occurred_at", "points", "balance", "order_id",
            "cause_event_id", "old_tier", "new_tier", "trailing_spend", "currency", "expires_at"]
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MS = dt.timedelta(milliseconds=1)
 
 
 # Varints of the zigzagged values below 2**14 (one or two bytes), looked up instead of computed.
@@ -42,19 +43,6 @@ def _string(s: str, out: bytearray) -> None:
     out += data
 
 
-def _optional_string(s: str | None, out: bytearray) -> None:
-    if s is None:
-        out.append(0)
-    else:
-        out.append(2)  # branch 1, zigzagged
-        _string(s, out)
-
-
-def _millis(t: dt.datetime) -> int:
-    delta = t - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-
-
 def loyalty_encoder(codec: AvroCodec) -> Callable[[Notice], bytes]:
     """An encoder for notices: the fast one when the latest schema is the one it knows."""
     version = codec.registry.latest(LOYALTY)
@@ -63,32 +51,56 @@ def loyalty_encoder(codec: AvroCodec) -> Callable[[Notice], bytes]:
     header = bytes(version.header)
 
     kinds: dict[str, bytes] = {}
+    small, ms, epoch = _SMALL, _MS, _EPOCH
 
+    def varint(n: int) -> bytes:  # zigzagged, past the table (timestamps, big amounts)
+        n = (n << 1) ^ (n >> 63)
+        if n < 16384:
+            return small[n]
+        if 1 << 35 <= n < 1 << 42:  # six bytes: epoch milliseconds of 1971..2109
+            return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80,
+                          n >> 21 & 0x7F | 0x80, n >> 28 & 0x7F | 0x80, n >> 35))
+        out = bytearray()
+        while n & ~0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+        return bytes(out)
+
+    # Straight-line: lengths and non-negative longs below 8192 come from the table (zigzag of a
+    # non-negative n is 2n), everything else from varint(); the pieces are joined once.
     def encode(n: Notice) -> bytes:
-        out = bytearray(header)
-        _string(n.event_id, out)
         kind = kinds.get(n.kind)
         if kind is None:  # a handful of kinds: encoded once each
             kind = bytearray()
             _string(n.kind, kind)
             kind = kinds[n.kind] = bytes(kind)
-        out += kind
-        _string(n.customer_id, out)
-        _long(_millis(n.occurred_at), out)
-        _long(n.points, out)
-        _long(n.balance, out)
-        _optional_string(n.order_id, out)
-        _optional_string(n.cause_event_id, out)
-        _optional_string(n.old_tier, out)
-        _optional_string(n.new_tier, out)
-        _long(n.trailing_spend, out)
-        _string(n.currency, out)
+        eid = n.event_id.encode()
+        cid = n.customer_id.encode()
+        cur = n.currency.encode()
+        points, balance, spend = n.points, n.balance, n.trailing_spend
+        parts = [header, small[len(eid) << 1] if len(eid) < 8192 else varint(len(eid)), eid, kind,
+                 small[len(cid) << 1] if len(cid) < 8192 else varint(len(cid)), cid,
+                 varint((n.occurred_at - epoch) // ms),
+                 small[points << 1] if 0 <= points < 8192 else varint(points),
+                 small[balance << 1] if 0 <= balance < 8192 else varint(balance)]
+        for opt in (n.order_id, n.cause_event_id, n.old_tier, n.new_tier):
+            if opt is None:
+                parts.append(b"\x00")
+            else:
+                b = opt.encode()
+                parts.append(b"\x02")
+                parts.append(small[len(b) << 1] if len(b) < 8192 else varint(len(b)))
+                parts.append(b)
+        parts.append(small[spend << 1] if 0 <= spend < 8192 else varint(spend))
+        parts.append(small[len(cur) << 1] if len(cur) < 8192 else varint(len(cur)))
+        parts.append(cur)
         if n.expires_at is None:
-            out.append(0)
+            parts.append(b"\x00")
         else:
-            out.append(2)
-            _long(_millis(n.expires_at), out)
-        return bytes(out)
+            parts.append(b"\x02")
+            parts.append(varint((n.expires_at - epoch) // ms))
+        return b"".join(parts)
 
     # Self-check against the generic codec on a sample covering every branch.
     at = dt.datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=dt.UTC)
@@ -247,12 +259,14 @@ def resolved_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
             if kind not in _WANTED:
                 return IGNORED
             millis, pos = _long_at(raw, pos)
-            _, pos = _long_at(raw, pos)        # utc_offset_minutes
-            _, pos = _long_at(raw, pos)        # received_at
+            for _ in range(2):  # utc_offset_minutes, received_at: skipped, not decoded
+                while raw[pos] & 0x80:
+                    pos += 1
+                pos += 1
             pos = _skip_optional_string(raw, pos)  # source
             pos = _skip_optional_string(raw, pos)  # store_id
-            for _ in range(n_customer):
-                pos = _skip_optional_string(raw, pos)
+            for _ in range(n_customer):  # mostly nulls: one zero byte each
+                pos = pos + 1 if raw[pos] == 0 else _skip_optional_string(raw, pos)
             at = _EPOCH + dt.timedelta(milliseconds=millis)
             branch, pos = _long_at(raw, pos)
             if kind == "sale" and branch == sale_branch:

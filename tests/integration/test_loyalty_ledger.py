@@ -3,11 +3,13 @@ redemption at the till, merges and unmerges, expiry by the clock, erasure, re-de
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 import random
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -347,3 +349,33 @@ async def test_members_with_many_lots_spend_and_return_exactly_as_the_in_memory_
         "SELECT order_key, remaining FROM orders WHERE owner = ANY($1)", who)}
     assert stored == {k: o.remaining for k, o in model.orders.items()}
     assert {order_key(o) for _, o, _ in sales} < stored.keys()
+
+
+async def test_one_order_sold_to_two_members_at_once_counts_once(loyalty):
+    """Two workers applying sales of the same order id for different members (the lock is per
+    member): the second waits on the order's key, fails when the first commits, and applied
+    again (as the batch consumer does) finds the order and changes nothing."""
+    ann, bob = loyalty.c("race-ann"), loyalty.c("race-bob")
+    async with loyalty.pool.acquire() as first, loyalty.pool.acquire() as second:
+        t1 = first.transaction()
+        await t1.start()
+        await loyalty.handler(first, [sale(ann, "race-1", 50_00, order="race-o")])
+        t2 = second.transaction()
+        await t2.start()
+        racing = asyncio.ensure_future(
+            loyalty.handler(second, [sale(bob, "race-2", 70_00, order="race-o")]))
+        pid, deadline = second.get_server_pid(), asyncio.get_running_loop().time() + 30
+        while not await loyalty.pool.fetchval(  # the second insert waits on the first's key
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+            assert asyncio.get_running_loop().time() < deadline and not racing.done()
+            await asyncio.sleep(0.01)
+        await t1.commit()
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await asyncio.wait_for(racing, 30)
+        await t2.rollback()
+    await loyalty.feed(sale(bob, "race-2", 70_00, order="race-o"))
+    assert await loyalty.balance(ann) == await loyalty.ledger_sum(ann) == 50
+    assert await loyalty.balance(bob) == await loyalty.ledger_sum(bob) == 0
+    owner = await loyalty.pool.fetchval("SELECT owner FROM orders WHERE order_key = $1",
+                                        order_key("race-o"))
+    assert owner == ann
