@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 from bench.environment import bench_environment, plain_consume_rate, produce_values, save
 from services.identity.handlers import IdentityHandler, IdentityMetrics
 from services.identity.normalise import Normaliser
@@ -56,6 +58,23 @@ def ev(event_id: str, kind: str, at: dt.datetime, customer: dict, props: dict | 
     return {"event_id": event_id, "type": kind, "occurred_at": at, "utc_offset_minutes": 0,
             "received_at": at, "source": "pos", "store_id": None, "customer": customer,
             "properties": props}
+
+
+async def backend_cpu(pool, database: str, seen: dict[int, float]) -> None:
+    """Add the CPU seconds so far of this database's client backends (the worker's pool) to `seen`."""
+    async with pool.acquire() as conn:
+        pids = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                                "AND backend_type = 'client backend'", database)
+    for r in pids:
+        try:
+            t = psutil.Process(r["pid"]).cpu_times()
+        except psutil.Error:
+            continue
+        seen[r["pid"]] = t.user + t.system
+
+
+def pg_cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def stream(n: int, customers: int, rnd: random.Random) -> list[dict]:
@@ -137,16 +156,22 @@ async def run(env, n: int, customers: int) -> dict:
     tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
     first = None
     cpu_first = 0.0
+    pg_before: dict[int, float] = {}
+    pg_after: dict[int, float] = {}
     while consumer.applied < n:
         await asyncio.sleep(0.005)
         if first is None and consumer.applied:
             first = time.perf_counter()
             cpu_first = time.process_time()
             applied_first = consumer.applied
+            await backend_cpu(pool, env.database, pg_before)
     resolved_at = time.perf_counter()
+    await backend_cpu(pool, env.database, pg_after)
     # CPU of this process (consumer, handler, relay; not the broker or PostgreSQL) per event
     # resolved after the first batch: comparable across runs on a shared machine.
     cpu_us = (time.process_time() - cpu_first) / (n - applied_first) * 1e6
+    # and of its PostgreSQL backends (the pool's; the relay shares it): the server side of the work
+    pg_us = pg_cpu_between(pg_before, pg_after) / (n - applied_first) * 1e6
     async with pool.acquire() as conn:
         expected = await conn.fetchval("SELECT count(*) FROM outbox")
     while relay.published < expected:
@@ -173,6 +198,8 @@ async def run(env, n: int, customers: int) -> dict:
         "resolved_events_per_s": round(rate), "ratio_to_plain_consumer": round(rate / plain, 3),
         "resolved_and_published_per_s": round(n / (published_at - first)),
         "worker_cpu_us_per_event": round(cpu_us, 1),
+        "postgres_backend_cpu_us_per_event": round(pg_us, 1),
+        "cpu_us_per_event_total": round(cpu_us + pg_us, 1),
         "target_per_s": 20000, "graph_after": dict(stats),
         "mix": "40% sales + 40% views of known shoppers, 10% new, 9% new device id, 1% merges",
     }

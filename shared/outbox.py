@@ -168,8 +168,10 @@ class OutboxRelay:
             else:  # anything with aiokafka's `send` (tests wrap the producer)
                 futures, counts = await self._send_each(rows)
             await asyncio.gather(*futures)
+            # Joined to unnest, not `id = ANY($1)`: a generic plan made while the table was small
+            # can keep a sequential scan of the whole outbox (seen: 258 against 36 us per event).
             await conn.execute(
-                "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
+                "UPDATE outbox o SET sent_at = now() FROM unnest($1::bigint[]) AS u(id) WHERE o.id = u.id",
                 [r[0] for r in rows],
             )
         if self.metrics is not None:

@@ -37,3 +37,36 @@ def test_whatsapp_id_also_names_the_phone() -> None:
     assert n.identifiers({"whatsapp_id": "12125550100", "phone": "+12125550199"}) == [
         ("phone", "+12125550199"), ("whatsapp_id", "+12125550100")]
     assert n.lookup_value("phone", "(212) 555-0100") == "+12125550100"
+
+
+def test_north_american_fast_path_matches_phonenumbers() -> None:
+    """normalise_phone answers `+1` + ten digits and US ten-digit numbers without phonenumbers:
+    on random inputs of those shapes (separators anywhere) it must answer what phonenumbers does."""
+    import random
+
+    import phonenumbers
+
+    def reference(raw: str, region: str) -> str | None:  # normalise_phone before the fast path
+        text = raw.strip()
+        if text.startswith("00"):
+            text = "+" + text[2:]
+        try:
+            number = phonenumbers.parse(text, None if text.startswith("+") else region)
+        except phonenumbers.NumberParseException:
+            return None
+        if not phonenumbers.is_possible_number(number):
+            return None
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+    rnd = random.Random(11)
+    seps = [" ", "(", ")", "-", ".", "", ""]
+
+    def shaped(digits: str) -> str:
+        return "".join((rnd.choice(seps) if rnd.random() < 0.4 else "") + d for d in digits) + rnd.choice(seps)
+
+    for _ in range(3000):
+        ten = str(rnd.randint(2, 9)) + "".join(rnd.choice("0123456789") for _ in range(9))
+        raw = rnd.choice([shaped(ten), "+" + shaped("1" + ten), "001" + shaped(ten),
+                          shaped("1" + ten), shaped("0" + ten[1:])])
+        region = rnd.choice(["US", "CA", "CN"])
+        assert normalise_phone.__wrapped__(raw, region) == reference(raw, region), (raw, region)
