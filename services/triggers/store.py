@@ -776,8 +776,8 @@ async def survivors_of(conn: asyncpg.Connection, ids: Iterable[str]) -> dict[str
 _SCAN_TABLES = """
 DROP TABLE IF EXISTS pg_temp.scan_due, pg_temp.scan_enc;
 CREATE TEMP TABLE scan_due (
-    rn bigint, customer_id text, kind text, period text, occurred_at timestamptz, ctx_keys text[],
-    ctx_vals text[], offer_expires timestamptz, category text) ON COMMIT DROP;
+    rn bigint, customer_id text, kind text, period text, occurred_at timestamptz, ctx_vals text[],
+    offer_expires timestamptz, category text) ON COMMIT DROP;
 CREATE TEMP TABLE scan_enc (rn bigint, trigger_id uuid, code text, key bytea, value bytea) ON COMMIT DROP
 """
 
@@ -795,17 +795,17 @@ WITH f AS MATERIALIZED (
     CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN nn.n = ANY($3::text[]) THEN nn.n END AS tz) z
     WHERE f.customer_id = ANY($1::text[])  -- a hashed array or index scan in key order, not probes
 ),
--- The chunk's bounds: candidates come sorted, so when they are dense ($27) a chunk's children are one
+-- The chunk's bounds: candidates come sorted, so when they are dense ($22) a chunk's children are one
 -- index range of each table rather than the whole table (min and max in the column's own collation:
 -- exact whatever the order); sparse ones (a scan after most fired) are looked up one by one instead.
--- ($27 is a constant in the statement's custom plan: the CASE folds to one indexable condition.)
+-- ($22 is a constant in the statement's custom plan: the CASE folds to one indexable condition.)
 lo AS MATERIALIZED (SELECT min(u) AS lo, max(u) AS hi FROM unnest($1::text[]) AS u),
 cat AS MATERIALIZED (
     SELECT c.customer_id, c.category, c.quantity, cardinality(c.purchases) AS n, c.remind_at,
            c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today, f.at, f.version,
            (SELECT u.d FROM unnest($13::text[], $14::int[]) AS u(name, d) WHERE u.name = c.category) AS cfg_days
     FROM category_facts c JOIN f USING (customer_id)
-    WHERE CASE WHEN $27 THEN c.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+    WHERE CASE WHEN $22 THEN c.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
                ELSE c.customer_id = ANY($1::text[]) END
 ),
 top AS MATERIALIZED (  -- CustomerFacts.most_bought_category (ids grouped bytewise: cheaper, same groups)
@@ -814,14 +814,13 @@ top AS MATERIALIZED (  -- CustomerFacts.most_bought_category (ids grouped bytewi
 ),
 lots AS MATERIALIZED (
     SELECT l.customer_id, l.points, l.expires_at FROM point_lots l
-    WHERE CASE WHEN $27 THEN l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+    WHERE CASE WHEN $22 THEN l.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
                ELSE l.customer_id = ANY($1::text[]) END
 ),
 rules AS (
     -- birthday_coupon: [local midnight days_before the birthday, local midnight after it)
     SELECT f.customer_id, 0 AS rank, y.year::text COLLATE "C" AS sub, y.year::text AS period,
            m.due AS occurred_at,
-           $22::text[] AS ctx_keys,
            ARRAY[to_char(b.bday, 'YYYY-MM-DD'), (b.bday - f.today)::text, f.tz] AS ctx_vals,
            triggers_local_midnight(b.bday - $9::int + $10::int, f.tz) AS offer_expires,
            NULL::text AS category, f.at, f.version  -- the facts row version read, for the marks
@@ -840,7 +839,6 @@ rules AS (
     UNION ALL
     -- win_back: once per last purchase, lapse_days after it
     SELECT f.customer_id, 1, '', triggers_iso_utc(f.last_purchase_at), f.last_purchase_at + $5::interval,
-           $23::text[],
            ARRAY[floor(extract(epoch FROM $2 - f.last_purchase_at) / 86400)::bigint::text,
                  to_char((f.last_purchase_at AT TIME ZONE f.tz)::date, 'YYYY-MM-DD'),
                  t.category, f.orders_count::text],
@@ -852,13 +850,12 @@ rules AS (
     UNION ALL
     -- abandoned_cart: once per open cart, after_minutes after its last activity
     SELECT f.customer_id, 2, k.cart_id COLLATE "C", k.cart_id, k.last_activity_at + $7::interval,
-           $24::text[],
            ARRAY[k.cart_id, k.items::text,
                  round(k.total::numeric / (10::numeric ^ $18::int), $18::int)::text, $19::text,
                  k.category, k.sku, floor(extract(epoch FROM $2 - k.last_activity_at) / 60)::bigint::text],
            NULL, NULL, f.at, f.version
     FROM carts k JOIN f USING (customer_id)
-    WHERE CASE WHEN $27 THEN k.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
+    WHERE CASE WHEN $22 THEN k.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
                ELSE k.customer_id = ANY($1::text[]) END
       AND f.tz IS NOT NULL AND k.status = 'open'
       AND k.last_activity_at + $7::interval <= $2 AND k.last_activity_at + $7::interval + $8::interval >= $2
@@ -866,7 +863,6 @@ rules AS (
     -- replenishment with the category's configured cycle (fewer purchases than min_purchases)
     SELECT c.customer_id, 3, c.category COLLATE "C", c.category || ':' || triggers_iso_utc(c.last),
            c.last + c.cfg_days * interval '1 day' - $11::int * interval '1 day',
-           $25::text[],
            ARRAY[c.category, c.cfg_days::text,
                  to_char(((c.last + c.cfg_days * interval '1 day') AT TIME ZONE c.tz)::date, 'YYYY-MM-DD'),
                  to_char((c.last AT TIME ZONE c.tz)::date, 'YYYY-MM-DD'),
@@ -880,7 +876,6 @@ rules AS (
     UNION ALL
     -- points_expiring: per local month of expiry, days_before the first lot of it expires
     SELECT p.customer_id, 4, p.month COLLATE "C", p.month, p.first - $16::int * interval '1 day',
-           $26::text[],
            ARRAY[p.points::text, triggers_iso_utc(p.first), to_char((p.first AT TIME ZONE p.tz)::date, 'YYYY-MM-DD'),
                  b.balance::text],
            NULL, NULL, p.at, p.version
@@ -928,7 +923,7 @@ kept AS (  -- in scan order (per customer: kind, then period); the changed custo
     INSERT INTO scan_due
     SELECT row_number() OVER (ORDER BY d.customer_id COLLATE "C", d.rank, d.sub), d.customer_id,
            (ARRAY['birthday_coupon', 'win_back', 'abandoned_cart', 'replenishment', 'points_expiring'])[d.rank + 1],
-           d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires, d.category
+           d.period, d.occurred_at, d.ctx_vals, d.offer_expires, d.category
     FROM due d
     RETURNING rn, customer_id, kind, period, triggers_epoch_ms(occurred_at) AS occurred_ms, ctx_vals,
               triggers_epoch_ms(offer_expires) AS expires_ms
@@ -936,9 +931,12 @@ kept AS (  -- in scan order (per customer: kind, then period); the changed custo
 SELECT * FROM kept
 UNION ALL
 SELECT NULL, customer_id, NULL, NULL, NULL, NULL, NULL FROM py
-UNION ALL  -- changed since read, judged again (grouped rather than joined: no plan can turn it quadratic)
+UNION ALL  -- changed since read, judged again (grouped rather than joined: no plan can turn it quadratic);
+           -- looked for only when fewer rows were marked than m holds (one per customer): when every mark
+           -- took, as without a concurrent batch, the grouping does not run at all
 SELECT NULL, customer_id, NULL, NULL, NULL, NULL, NULL
 FROM (SELECT customer_id, false AS ok FROM m UNION ALL SELECT customer_id, true FROM marked) x
+WHERE (SELECT count(*) FROM marked) < (SELECT count(*) FROM m)
 GROUP BY customer_id HAVING NOT bool_or(ok)
 """
 
@@ -947,7 +945,7 @@ GROUP BY customer_id HAVING NOT bool_or(ok)
 # by trigger_id go to the outbox in scan order.
 _SCAN_FIRE = """
 WITH new AS MATERIALIZED (  -- not recorded before (a re-derivation after an unmerge may re-arm a trigger)
-    SELECT d.rn, d.kind, d.customer_id, d.period, d.occurred_at, d.ctx_keys, d.ctx_vals, d.offer_expires,
+    SELECT d.rn, d.kind, d.customer_id, d.period, d.occurred_at, d.ctx_vals, d.offer_expires,
            e.trigger_id, e.code, e.key, e.value
     FROM scan_due d JOIN scan_enc e USING (rn)
     -- one probe of the key per trigger (OFFSET 0 keeps the planner from reading all of fired_triggers,
@@ -958,18 +956,22 @@ WITH new AS MATERIALIZED (  -- not recorded before (a re-derivation after an unm
     INSERT INTO fired_triggers (trigger_id, kind, customer_id, period, fired_at, occurred_at, cause_event_id,
                                 context, offer)
     SELECT n.trigger_id, n.kind, n.customer_id, n.period, $1::timestamptz, n.occurred_at, NULL,
-           jsonb_strip_nulls(jsonb_object(n.ctx_keys, n.ctx_vals)),
+           -- SCAN_CONTEXT_KEYS of the kind: one array each, not one per row of scan_due
+           jsonb_strip_nulls(jsonb_object(CASE n.kind WHEN 'birthday_coupon' THEN $8::text[]
+                                                      WHEN 'win_back' THEN $9::text[]
+                                                      WHEN 'abandoned_cart' THEN $10::text[]
+                                                      WHEN 'replenishment' THEN $11::text[]
+                                                      ELSE $12::text[] END, n.ctx_vals)),
            CASE n.kind
                WHEN 'birthday_coupon' THEN jsonb_build_object(
                    'code', n.code, 'description', $2::text, 'amount', $3::bigint, 'min_spend', $4::bigint,
-                   'currency', $8::text, 'expires_at', triggers_iso_utc(n.offer_expires))
-               WHEN 'win_back' THEN jsonb_build_object(
-                   'code', n.code, 'description', $5::text, 'amount', $6::bigint, 'min_spend', $7::bigint,
-                   'currency', $8::text, 'expires_at', $9::text)
+                   'currency', $5::text, 'expires_at', triggers_iso_utc(n.offer_expires))
+               -- all but the code the same in every win-back offer of a scan: the rest comes as JSON text
+               WHEN 'win_back' THEN ($6::text || ', "code": ' || to_json(n.code)::text || '}')::jsonb
            END
     FROM new n
 ), sent AS (
-    INSERT INTO outbox (topic, key, value) SELECT $10::text, n.key, n.value FROM new n ORDER BY n.rn
+    INSERT INTO outbox (topic, key, value) SELECT $7::text, n.key, n.value FROM new n ORDER BY n.rn
 ), carts_marked AS (
     UPDATE carts k SET status = 'abandoned' FROM scan_due d
     WHERE d.kind = 'abandoned_cart' AND k.customer_id = d.customer_id AND k.cart_id = d.period
@@ -990,6 +992,11 @@ SCAN_CONTEXT_KEYS: dict[str, tuple[str, ...]] = {
     "replenishment": ("category", "cycle_days", "due_date", "last_purchase_date", "days_since_last_purchase"),
     "points_expiring": ("points", "expires_at", "expires_date", "points_balance"),
 }
+
+
+# SCAN_CONTEXT_KEYS as _SCAN_FIRE takes them ($8 to $12).
+_SCAN_KEYS = tuple(list(SCAN_CONTEXT_KEYS[k]) for k in ("birthday_coupon", "win_back", "abandoned_cart",
+                                                        "replenishment", "points_expiring"))
 
 
 async def sql_zones(conn: asyncpg.Connection) -> set[str]:
@@ -1025,9 +1032,7 @@ async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.d
         cfg.cart_after, cfg.lateness("abandoned_cart"), cfg.birthday_days_before, cfg.birthday_valid_days,
         cfg.replenishment_days_before, cfg.replenishment_min_purchases, [k for k, _ in cycles],
         [v for _, v in cycles], cfg.lateness("replenishment"), cfg.points_days_before, cfg.points_min,
-        exponent(cfg.currency), cfg.currency, months, days,
-        *(list(SCAN_CONTEXT_KEYS[k]) for k in ("birthday_coupon", "win_back", "abandoned_cart", "replenishment",
-                                               "points_expiring")), dense)
+        exponent(cfg.currency), cfg.currency, months, days, dense)
 
 
 async def customers_estimate(conn: asyncpg.Connection) -> float:
@@ -1049,8 +1054,10 @@ async def fire_scan_due(conn: asyncpg.Connection, encoded: Sequence[tuple[int, s
     if not encoded:
         return {}
     await conn.copy_records_to_table("scan_enc", records=encoded, columns=["rn", "trigger_id", "code", "key", "value"])
+    winback_offer = orjson.dumps({  # _offer_json's but the code, as an unclosed JSON object
+        "description": descriptions["win_back"], "amount": cfg.win_back_amount, "min_spend": cfg.win_back_min_spend,
+        "currency": cfg.currency, "expires_at": winback_expires.isoformat()}).decode()[:-1]
     rows = await conn.fetch(
         _SCAN_FIRE, as_of, descriptions["birthday_coupon"], cfg.birthday_amount, cfg.birthday_min_spend,
-        descriptions["win_back"], cfg.win_back_amount, cfg.win_back_min_spend, cfg.currency,
-        winback_expires.isoformat(), topic)
+        cfg.currency, winback_offer, topic, *_SCAN_KEYS)
     return {r["kind"]: r["n"] for r in rows}
