@@ -134,9 +134,17 @@ class NotificationHandler:
         live = [cs[-1] for cid, cs in applied.items() if cid not in tombstoned_at]
         held = await store.upsert_contacts(conn, live, self.vault)
         now = self.clock.now()
+        messages = []
         if self.as_of_fired_at:
             await store.add_versions(conn, [c for cs in applied.values() for c in cs], now)
-        messages = []
+            # A first profile and a dated tombstone in one batch: the customer's held triggers are
+            # released on the profile before the tombstone stops them, as two batches cut between
+            # the two would have done.
+            going = [cid for cid in applied if tombstoned_at.get(cid) is not None]
+            if going:
+                early, _ = await self._release(conn, await store.held_for(conn, going))
+                if early:
+                    messages += await self._decide(conn, [], raw, early)
         for row in await store.forget(conn, gone, now, tombstoned_at if self.as_of_fired_at else None):
             messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
                                             occurred_at=now))

@@ -497,6 +497,23 @@ RETURNING n.*
 """
 
 
+_HELD_FOR = """
+SELECT notification_id, trigger_id, customer_id, due_at, held_trigger FROM notifications
+WHERE customer_id = ANY($1::text[]) AND status = 'pending' AND reason = 'awaiting_profile'
+  AND channel IS NULL
+ORDER BY customer_id, trigger_id
+FOR UPDATE
+"""
+
+
+async def held_for(conn: asyncpg.Connection, customer_ids: Sequence[str]) -> list[asyncpg.Record]:
+    """The customers' triggers waiting for their profile, locked until this transaction ends
+    (for customers whose profile is applied without an upsert: see upsert_contacts)."""
+    if not customer_ids:
+        return []
+    return await conn.fetch(_HELD_FOR, sorted(set(customer_ids)))
+
+
 async def expire_held(conn: asyncpg.Connection, now: dt.datetime,
                       ids: Sequence[str] | None = None) -> list[asyncpg.Record]:
     """Held triggers whose grace period is over end `suppressed` / `no_contact` (all, or `ids`).

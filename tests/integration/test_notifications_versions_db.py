@@ -282,3 +282,19 @@ async def test_an_undated_tombstone_after_a_dated_one_erases_for_every_trigger(e
     assert await pool.fetchval("SELECT count(*) FROM contact_versions WHERE customer_id = 'u'") == 0
     await apply(welcome("u", SIGNUP + SEC))
     assert (await decision(pool, "w-u"))[:2] == ("suppressed", "erased")
+
+
+async def test_a_held_trigger_is_released_before_a_dated_tombstone_in_the_same_batch(env):
+    """The welcome reached notifications before any profile (held). The first profile and a dated
+    tombstone then come in one batch for `one`, in two batches for `two`: both decide the welcome
+    on the profile, then stop it."""
+    pool, apply, _ = env
+    consented = {"email": "opted_in"}
+    gone = SIGNUP + dt.timedelta(minutes=5)
+    await apply(welcome("one", SIGNUP + SEC), welcome("two", SIGNUP + SEC))
+    await apply(profile("one", SIGNUP, 1, consents=consented), dated_tombstone("one", gone))
+    await apply(profile("two", SIGNUP, 1, consents=consented))
+    await apply(dated_tombstone("two", gone))
+    got = await published(pool)
+    decided = {cid: [o[1:] for o in got[cid] if o[2] != "awaiting_profile"] for cid in ("one", "two")}
+    assert decided["one"] == decided["two"] == [("pending", None, "email"), ("suppressed", "erased", "email")]
