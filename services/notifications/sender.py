@@ -89,6 +89,7 @@ class Dispatcher:
         self._lock_conn: asyncpg.Connection | None = None
         self._in_flight: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        self._cycle_limit = 1  # how many the last cycle could have taken
         self.sent = 0
         # Held triggers are swept at most this often (wall time: pacing, not business time).
         self.sweep_interval = sweep_interval
@@ -129,7 +130,10 @@ class Dispatcher:
                 except TRANSIENT_DB_ERRORS as exc:
                     log.warning("dispatcher retrying after %s", type(exc).__name__)
                     claimed = 0
-                if claimed == 0:
+                # A cycle that took less than it could took everything due: wait for more (a
+                # wake, or the poll) rather than loop on at once for the few rows that fall due
+                # meanwhile (measured: tiny cycles of ~8 round trips each at a steady 1,000/s).
+                if claimed < self._cycle_limit:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):  # not wait_for: see shared/outbox.py
                         async with asyncio.timeout(self.idle_poll):
@@ -157,7 +161,9 @@ class Dispatcher:
             await self.expire_held()
         capacity = sum(self.limits.values()) - len(self._in_flight)
         if self.sandbox_only:
-            return await self._dispatch_sandbox(max(capacity, SANDBOX_CLAIM))
+            self._cycle_limit = max(capacity, SANDBOX_CLAIM)
+            return await self._dispatch_sandbox(self._cycle_limit)
+        self._cycle_limit = max(capacity, 1)
         rows, contacts, erased = await store.claim_due(
             self.pool, now=self.clock.now(), limit=capacity, worker=self.worker,
             lease_seconds=self.lease_seconds)

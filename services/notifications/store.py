@@ -590,12 +590,23 @@ async def claim_due(pool: asyncpg.Pool, *, now: dt.datetime, limit: int, worker:
     return list(rows), contacts, erased
 
 
+# The latest contact of each customer and whether they are forgotten: one round trip.
+_CONTACTS_AND_FORGOTTEN = """
+SELECT u.cid, f.customer_id IS NOT NULL AS forgotten, c.*
+FROM unnest($1::text[]) AS u(cid)
+LEFT JOIN contacts c ON c.customer_id = u.cid
+LEFT JOIN forgotten f ON f.customer_id = u.cid
+"""
+
+
 async def _contacts_of(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> tuple[dict[str, Contact], set[str]]:
-    cids = list({r["customer_id"] for r in rows})
-    contacts = {r["customer_id"]: contact_from_row(r) for r in await conn.fetch(
-        "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", cids)}
-    erased = {r["customer_id"] for r in await conn.fetch(
-        "SELECT customer_id FROM forgotten WHERE customer_id = ANY($1::text[])", cids)}
+    contacts: dict[str, Contact] = {}
+    erased: set[str] = set()
+    for r in await conn.fetch(_CONTACTS_AND_FORGOTTEN, list({r["customer_id"] for r in rows})):
+        if r["customer_id"] is not None:
+            contacts[r["cid"]] = contact_from_row(r)
+        if r["forgotten"]:
+            erased.add(r["cid"])
     return contacts, erased
 
 
