@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 # An email anywhere in free text; deliberately loose (a false positive only masks more).
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
@@ -13,6 +14,8 @@ _PHONE = re.compile(r"(?<![\w.])\+?\(?\d(?:[\s\-.()]{0,2}\d){6,17}(?![\w])")
 _DATE_LIKE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 # A decimal number (a metric value, a duration) is not a phone number, however many digits it has.
 _DECIMAL = re.compile(r"\d+\.\d+")
+# A UUID (a consumer's member id, an event id) has digit runs shaped like a phone number: not one.
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 
 
 def mask_email(email: str) -> str:
@@ -61,13 +64,23 @@ def redact(text: str) -> str:
     if not text:
         return text
     text = _EMAIL.sub(lambda m: mask_email(m.group(0)), text)
-    return _PHONE.sub(_phone_sub, text)
+    return _outside_uuids(text, lambda part: _PHONE.sub(_phone_sub, part))
+
+
+def _outside_uuids(text: str, apply: Callable[[str], str]) -> str:
+    """`apply` to the text between UUIDs; the UUIDs stay as they are."""
+    out, last = [], 0
+    for m in _UUID.finditer(text):
+        out += [apply(text[last:m.start()]), m.group(0)]
+        last = m.end()
+    out.append(apply(text[last:]))
+    return "".join(out)
 
 
 def contains_pii(text: str) -> list[str]:
     """Emails and phone-shaped runs (10+ digits, or + and 8+) left in clear in `text`."""
     found = [m.group(0) for m in _EMAIL.finditer(text) if "***@" not in m.group(0)]
-    for m in _PHONE.finditer(text):
+    for m in _PHONE.finditer(_UUID.sub("<uuid>", text)):
         s = m.group(0)
         digits = re.sub(r"\D", "", s)
         if "*" in s or _DATE_LIKE.match(s) or _DECIMAL.fullmatch(s):
