@@ -145,10 +145,8 @@ class NotificationHandler:
                 early, _ = await self._release(conn, await store.held_for(conn, going))
                 if early:
                     messages += await self._decide(conn, [], raw, early)
-        for row in await store.forget(conn, gone, now, tombstoned_at if self.as_of_fired_at else None):
-            messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
-                                            occurred_at=now))
-            self.metrics.status(row["channel"], SUPPRESSED, "erased")
+        messages += self._erased(
+            await store.forget(conn, gone, now, tombstoned_at if self.as_of_fired_at else None), now)
         # Held triggers of the customers whose profile was applied: those of live customers came
         # with the upsert; a customer tombstoned in this batch had theirs stopped by forget.
         released, expired = await self._release(conn, held)
@@ -242,11 +240,15 @@ class NotificationHandler:
         # stopped it had the trigger come first.
         went = inputs["gone_from"]
         late = sorted({d.trigger.customer_id for d in decisions if d.trigger.customer_id in went})
-        for row in await store.forget(conn, late, now, {cid: went[cid] for cid in late}):
-            messages.append(outcome_message(self.codec, row, status=SUPPRESSED, reason="erased",
-                                            occurred_at=now))
-            self.metrics.status(row["channel"], SUPPRESSED, "erased")
+        messages += self._erased(await store.forget(conn, late, now, {cid: went[cid] for cid in late}), now)
         return messages
+
+    def _erased(self, stopped: list[asyncpg.Record], now: dt.datetime) -> list:
+        """Outcomes of the unsent messages a tombstone stopped."""
+        for row in stopped:
+            self.metrics.status(row["channel"], SUPPRESSED, "erased")
+        return [outcome_message(self.codec, row, status=SUPPRESSED, reason="erased", occurred_at=now)
+                for row in stopped]
 
 
 def in_order_segments(records: list[Record], *, only_tombstones: bool = False) -> list[list[Record]]:
