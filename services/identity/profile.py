@@ -83,15 +83,33 @@ def is_empty(state: Mapping[str, Any]) -> bool:
     return not any(state.get(p) for p in ("f", "c", "t"))
 
 
+_ADDRESS_KEYS = tuple((name, f"address.{name}") for name in ADDRESS_FIELDS)
+_NO_FIELDS = dict.fromkeys(FIELDS)
+
+
 def view(state: Mapping[str, Any]) -> dict[str, Any]:
     """The golden fields as the Profile record and the API show them."""
-    fields = state.get("f") or {}
-    out: dict[str, Any] = {name: (fields[name][0] if name in fields else None) for name in FIELDS}
-    address = {name: fields[f"address.{name}"][0] for name in ADDRESS_FIELDS
-               if f"address.{name}" in fields}
-    out["address"] = ({name: address.get(name) for name in ADDRESS_FIELDS} if address else None)
-    out["tags"] = sorted(tag for tag, entry in (state.get("t") or {}).items() if entry[0])
-    out["consents"] = {ch: entry[0] for ch, entry in sorted((state.get("c") or {}).items())}
+    # A profile record goes out for every event that changes a customer; most states hold few
+    # fields (often none), so the common cases skip the per-field work.
+    fields = state.get("f")
+    if fields:
+        out: dict[str, Any] = {name: (entry[0] if (entry := fields.get(name)) is not None else None)
+                               for name in FIELDS}
+        address = None
+        for name, key in _ADDRESS_KEYS:
+            entry = fields.get(key)
+            if entry is not None:
+                if address is None:
+                    address = dict.fromkeys(ADDRESS_FIELDS)
+                address[name] = entry[0]
+        out["address"] = address
+    else:
+        out = dict(_NO_FIELDS)
+        out["address"] = None
+    tags = state.get("t")
+    out["tags"] = sorted(tag for tag, entry in tags.items() if entry[0]) if tags else []
+    consents = state.get("c")
+    out["consents"] = {ch: entry[0] for ch, entry in sorted(consents.items())} if consents else {}
     return out
 
 

@@ -18,21 +18,15 @@ def identifier_map(c: Customer) -> dict[str, list[str]]:
 
 def profile_record(c: Customer) -> dict[str, Any]:
     """The `omnicrm.identity.Profile` value for identity.profiles.v1."""
-    fields = profile.view(c.golden)
-    return {
-        "customer_id": c.customer_id,
-        "identifiers": identifier_map(c),
-        **{name: fields[name] for name in profile.FIELDS},
-        "address": fields["address"],
-        "tags": fields["tags"],
-        "consents": fields["consents"],
-        "merged_from": sorted(m for m in c.members if m != c.customer_id),
-        "quarantined": [dict(q) for q in c.quarantined],
-        "erased": c.erased,
-        "created_at": c.created_at,
-        "updated_at": c.updated_at,
-        "version": c.version,
-    }
+    rec: dict[str, Any] = {"customer_id": c.customer_id, "identifiers": identifier_map(c)}
+    rec.update(profile.view(c.golden))  # the FIELDS, then address, tags and consents
+    rec["merged_from"] = sorted(m for m in c.members if m != c.customer_id)
+    rec["quarantined"] = [dict(q) for q in c.quarantined]
+    rec["erased"] = c.erased
+    rec["created_at"] = c.created_at
+    rec["updated_at"] = c.updated_at
+    rec["version"] = c.version
+    return rec
 
 
 def api_view(c: Customer, *, pii: bool) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,9 @@ from services.identity.normalise import Ident
 from shared.crypto import Vault
 
 CONTACT_TYPES = frozenset({"email", "phone", "whatsapp_id"})
+_BLOCK = 64  # SHA-256's block size: HMAC pads (or first hashes) the key to it
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
 class Sealer:
@@ -26,9 +28,16 @@ class Sealer:
     def __init__(self, vault: Vault) -> None:
         self.vault = vault
         self._tokens: dict[Ident, bytes] = {}
-        # Vault.index's HMAC with the key already absorbed: a copy per token skips the key setup
-        # (the same digest; tests/unit/test_identity_sealing.py pins it to Vault.index).
-        self._keyed = hmac.new(vault.index_key, digestmod=hashlib.sha256)
+        # Vault.index's HMAC-SHA256 taken apart (RFC 2104): the inner and outer hashes with the
+        # padded key already absorbed, copied per token. The same digest as hmac.new (the tests
+        # pin it to Vault.index) at about half the cost of copying an hmac.HMAC object, whose
+        # copy() builds Python objects around the two hashes (measured 0.75 against 1.3-1.6 us).
+        key = vault.index_key
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
 
     def forget(self) -> None:
         """Drop the batch's token memo (clear values are not kept across batches)."""
@@ -41,21 +50,25 @@ class Sealer:
     def token(self, ident: Ident) -> bytes:
         token = self._tokens.get(ident)
         if token is None:
-            h = self._keyed.copy()
-            h.update(f"{ident[0]}\x00{ident[1]}".encode())
-            token = self._tokens[ident] = h.digest()
+            inner = self._inner.copy()
+            inner.update(f"{ident[0]}\x00{ident[1]}".encode())
+            outer = self._outer.copy()
+            outer.update(inner.digest())
+            token = self._tokens[ident] = outer.digest()
         return token
 
     def tokens(self, idents: list[Ident]) -> list[bytes]:
         """The tokens of many identifiers (memoised for the batch, like `token`)."""
-        memo, keyed = self._tokens, self._keyed
+        memo, inner_keyed, outer_keyed = self._tokens, self._inner, self._outer
         out = []
         for ident in idents:
             token = memo.get(ident)
             if token is None:
-                h = keyed.copy()
-                h.update(f"{ident[0]}\x00{ident[1]}".encode())
-                token = memo[ident] = h.digest()
+                inner = inner_keyed.copy()
+                inner.update(f"{ident[0]}\x00{ident[1]}".encode())
+                outer = outer_keyed.copy()
+                outer.update(inner.digest())
+                token = memo[ident] = outer.digest()
             out.append(token)
         return out
 

@@ -15,18 +15,46 @@ from services.identity.resolution import Customer, Graph, MergeEdge
 from services.identity.sealing import CONTACT_TYPES, Sealer
 from shared.crypto import Vault
 
+# Nearly always every id is new: then the answer is NULL instead of the ids back, one row per event
+# (decoding them cost ~0.35 us of client and server CPU an event, for what the caller knows).
 _CLAIM = """
-INSERT INTO processed_events (event_id)
-SELECT DISTINCT e FROM unnest($1::text[]) AS u(e) ORDER BY 1
-ON CONFLICT DO NOTHING RETURNING event_id
+WITH claimed AS (
+    INSERT INTO processed_events (event_id)
+    SELECT DISTINCT e FROM unnest($1::text[]) AS u(e) ORDER BY 1
+    ON CONFLICT DO NOTHING RETURNING event_id)
+SELECT CASE WHEN count(*) < $2 THEN coalesce(array_agg(event_id), '{}') END FROM claimed
 """
+
+TOKEN_LEN = 32  # a blind-index token: an HMAC-SHA256 digest
+
+
+def _keys(types: str, tokens: str) -> str:
+    """Identifier keys as rows (t, k) from two scalars instead of two arrays: the types joined by
+    commas (IDENTIFIER_TYPES names, which have none) and the tokens concatenated (`key_params`).
+    asyncpg encodes an array element by element, with two isinstance checks against
+    collections.abc each: ~0.3 us of client CPU an element (two per identifier, for the probe of
+    every event and again for the lock of the changing ones), against next to nothing for one
+    value; the server splits them a little faster than it reads arrays."""
+    return (f"unnest(string_to_array({types}::text, ','), "
+            f"ARRAY(SELECT substring({tokens}::bytea FROM g * {TOKEN_LEN} + 1 FOR {TOKEN_LEN}) "
+            f"FROM generate_series(0, length({tokens}::bytea) / {TOKEN_LEN} - 1) AS g ORDER BY g))")
+
+
+def key_params(idents: Sequence[Ident], tokens: Sequence[bytes]) -> tuple[str, bytes]:
+    """The two parameters `_keys` reads for these identifiers and their tokens."""
+    types = ",".join([t for t, _ in idents])
+    blob = b"".join(tokens)
+    if types.count(",") != max(len(idents) - 1, 0) or len(blob) != TOKEN_LEN * len(idents):
+        raise ValueError("identifier keys that do not split back")  # types are a fixed set
+    return types, blob
+
 
 # Who owns each identifier of the batch (and since when: a customer is never younger than the links
 # it holds, so an event after `linked_at` cannot move its created_at), and which are quarantined: no lock and no
 # profile columns; most events only match a customer they do not change.
-_PROBE = """
+_PROBE = f"""
 SELECT i.customer_id, i.linked_at, q.reason, u.n
-FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(t, k, n)
+FROM {_keys('$1', '$2')} WITH ORDINALITY AS u(t, k, n)
 LEFT JOIN LATERAL (SELECT customer_id, linked_at FROM identifiers
                    WHERE id_type = u.t AND token = u.k LIMIT 1) AS i ON true
 LEFT JOIN LATERAL (SELECT reason FROM quarantined_identifiers
@@ -35,10 +63,10 @@ WHERE i.customer_id IS NOT NULL OR q.reason IS NOT NULL
 """
 
 # Customers owning any identifier of the batch, locked in id order (a fixed order: no deadlocks).
-_LOCK = """
+_LOCK = f"""
 SELECT c.* FROM customers c
 WHERE c.customer_id IN (
-    SELECT i.customer_id FROM unnest($1::text[], $2::bytea[]) AS q(t, k)
+    SELECT i.customer_id FROM {_keys('$1', '$2')} AS q(t, k)
     -- LATERAL + LIMIT keeps this an index probe per identifier (a hash join would scan them all)
     CROSS JOIN LATERAL (SELECT customer_id FROM identifiers
                         WHERE id_type = q.t AND token = q.k LIMIT 1) AS i)
@@ -48,17 +76,17 @@ FOR UPDATE OF c
 
 # After the lock (a fresh snapshot): every identifier of the locked customers, the quarantine
 # entries and the recent sightings of the batch's identifiers.
-_DETAILS = """
+_DETAILS = f"""
 SELECT 'i' AS k, id_type, token, value, sealed, customer_id AS ref, NULL::timestamptz AS at
   FROM identifiers WHERE customer_id = ANY($1::text[])
 UNION ALL
 SELECT 'q', q.id_type, q.token, NULL, NULL, q.reason, q.since
-  FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
+  FROM {_keys('$2', '$3')} AS u(t, k)
   CROSS JOIN LATERAL (SELECT * FROM quarantined_identifiers
                       WHERE id_type = u.t AND token = u.k LIMIT 1) AS q
 UNION ALL
 SELECT 's', s.id_type, s.token, NULL, NULL, s.anchor, s.seen_at
-  FROM unnest($2::text[], $3::bytea[]) AS u(t, k)
+  FROM {_keys('$2', '$3')} AS u(t, k)
   CROSS JOIN LATERAL (SELECT * FROM sightings
                       WHERE id_type = u.t AND token = u.k AND seen_at >= $4 LIMIT 100) AS s
 """
@@ -121,8 +149,9 @@ WHERE customer_id IN (SELECT jsonb_array_elements_text(members) FROM customers
 
 async def claim_events(conn: asyncpg.Connection, event_ids: Sequence[str]) -> set[str]:
     """Record event ids as processed; returns the ones not seen before."""
-    rows = await conn.fetch(_CLAIM, list(event_ids))
-    return {r["event_id"] for r in rows}
+    ids = set(event_ids)
+    fresh = await conn.fetchval(_CLAIM, list(event_ids), len(ids))
+    return ids if fresh is None else set(fresh)
 
 
 # A probe answer (an asyncpg Record, read by position: this runs for every identifier of a batch).
@@ -133,7 +162,7 @@ OWNER, LINKED_AT, QUARANTINED = 0, 1, 2   # owner: customer id or None; the owne
 async def probe(conn: asyncpg.Connection, idents: Sequence[Ident],
                 sealer: Sealer) -> dict[Ident, Any]:
     """Owner and quarantine state of identifiers, read without locks (absent = unknown)."""
-    rows = await conn.fetch(_PROBE, [t for t, _ in idents], sealer.tokens(list(idents)))
+    rows = await conn.fetch(_PROBE, *key_params(idents, sealer.tokens(list(idents))))
     return {idents[r[3] - 1]: r for r in rows}
 
 
@@ -144,12 +173,12 @@ async def load_graph(conn: asyncpg.Connection, graph: Graph, idents: Iterable[Id
     idents = sorted(set(idents))
     tokens = [sealer.token(i) for i in idents]
     known = dict(zip(tokens, idents, strict=True))  # the batch's own identifiers need no opening
-    types = [t for t, _ in idents]
-    locked = await conn.fetch(_LOCK, types, tokens)
+    keys = key_params(idents, tokens)
+    locked = await conn.fetch(_LOCK, *keys)
     stale = [r["customer_id"] for r in locked if r["merged_into"] is not None or r["erased"]]
     ids = [r["customer_id"] for r in locked]
     owned: dict[str, set[Ident]] = {cid: set() for cid in ids}
-    for r in await conn.fetch(_DETAILS, ids, types, tokens, since):
+    for r in await conn.fetch(_DETAILS, ids, *keys, since):
         token = bytes(r["token"])
         if r["k"] == "i":
             ident = known.get(token)

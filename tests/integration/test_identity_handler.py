@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.identity import api
+from services.identity import api, store
 from services.identity.handlers import IdentityHandler, IdentityMetrics, handle_stores
 from services.identity.normalise import Normaliser
 from services.identity.resolution import Guard, customer_id_for
@@ -156,6 +156,15 @@ async def test_redelivered_events_are_not_emitted_again(identity: Identity) -> N
     resolved = await identity.outbox("identity.events.v1")
     assert sorted(v["event"]["event_id"] for _, v in resolved) == ["d-1", "d-2"]
     assert len(await identity.outbox("identity.profiles.v1")) == 1
+
+
+async def test_claim_answers_the_events_not_seen_before(identity: Identity) -> None:
+    """All new (the answer the query leaves out), some seen, none new, repeats within a batch."""
+    async with identity.pool.acquire() as conn, conn.transaction():
+        assert await store.claim_events(conn, ["c-1", "c-2", "c-1"]) == {"c-1", "c-2"}
+        assert await store.claim_events(conn, ["c-2", "c-3", "c-3", "c-4"]) == {"c-3", "c-4"}
+        assert await store.claim_events(conn, ["c-4", "c-1"]) == set()
+        assert await store.claim_events(conn, []) == set()
 
 
 async def test_event_without_identifier_is_a_permanent_error(identity: Identity) -> None:

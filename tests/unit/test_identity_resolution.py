@@ -251,3 +251,19 @@ def test_golden_profile_does_not_depend_on_order(spec, rnd) -> None:
         results.append({frozenset(g.customers[r].identifiers): profile.view(g.customers[r].golden)
                         for r in roots})
     assert results[0] == results[1]
+
+
+def test_profile_view_shapes_every_field() -> None:
+    """Empty states show every field empty; a partial address shows its other parts as None;
+    only present tags, and consents by channel."""
+    none = dict.fromkeys(profile.FIELDS)
+    assert profile.view(profile.empty()) == {**none, "address": None, "tags": [], "consents": {}}
+    assert profile.view({}) == profile.view(profile.empty())
+    state = {"f": {"first_name": ["Ann", 2, "e2"], "address.city": ["Paris", 1, "e1"]},
+             "t": {"vip": [True, 1, "e1"], "old": [False, 2, "e2"], "new": [True, 2, "e2"]},
+             "c": {"sms": ["opted_out", 1, "e1"], "email": ["opted_in", 2, "e2"]}}
+    v = profile.view(state)
+    assert v == {**none, "first_name": "Ann",
+                 "address": {**dict.fromkeys(profile.ADDRESS_FIELDS), "city": "Paris"},
+                 "tags": ["new", "vip"], "consents": {"email": "opted_in", "sms": "opted_out"}}
+    assert list(v) == [*profile.FIELDS, "address", "tags", "consents"]

@@ -45,3 +45,11 @@ def test_blind_index_tokens_are_the_vaults_index() -> None:
     sealer.forget()
     assert sealer.tokens(idents) == [vault.index(*i) for i in idents]
     assert Sealer(Vault.from_env({}, embedded=True)).token(idents[0]) != sealer.token(idents[0])
+
+
+@pytest.mark.parametrize("size", [16, 63, 64, 65, 200])
+def test_blind_index_tokens_match_for_any_key_length(size: int) -> None:
+    """HMAC pads a short key and hashes one longer than SHA-256's 64-byte block first."""
+    vault = Vault(keys=(("k", bytes(32)),), index_key=bytes(range(size)))
+    idents = [("email", "ann@example.com"), ("anonymous_id", "x" * 300)]
+    assert Sealer(vault).tokens(idents) == [vault.index(*i) for i in idents]
