@@ -1,7 +1,8 @@
 """Triggers benchmark: time of a time-based scan over N customers' facts, and handler events/s per worker.
 
 Facts are bulk-loaded with set-based SQL (birthdays over the year, last purchases over 200 days,
-some open carts, category histories and expiring points), then `TriggersHandler.scan` runs at a
+some open carts, category histories and expiring points), vacuumed and checkpointed (the state
+autovacuum and the checkpointer keep a live table in), then `TriggersHandler.scan` runs at a
 fixed instant on two connections (as the leader's timer job does; TRIGGERS_SCAN_CONNECTIONS=n for n),
 twice (the second fires nothing new); the ceiling beside each size is a PostgreSQL
 COPY of as many narrow rows as there are customers, measured in the same run. Beside the wall time,
@@ -14,22 +15,35 @@ Run: python -m bench.triggers_scan [N ...] (default 10000 100000 1000000).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import gc
 import os
 import sys
 import time
 from pathlib import Path
 
+import asyncpg
+
 from bench.environment import bench_environment, copy_rate, save
 from services.triggers.handlers import TriggersHandler
 from services.triggers.rules import RuleConfig
 from shared.avro import AvroCodec, SchemaRegistry
+from shared.avro_reader import lean_decoder
 from shared.batch_consumer import Record
 from shared.clock import FixedClock
 from shared.db import setup_database
 from shared.events import for_encoding
 from shared.rules import load_rules
-from shared.topics import IDENTITY_EVENTS, RESOLVED
+from shared.runtime import tune_gc
+from shared.topics import (
+    IDENTITY_EVENTS,
+    IDENTITY_PROFILES,
+    LOYALTY,
+    LOYALTY_EVENTS,
+    PROFILE,
+    RESOLVED,
+)
 
 CONNECTIONS = int(os.environ.get("TRIGGERS_SCAN_CONNECTIONS", "2"))
 MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "triggers" / "migrations"
@@ -100,7 +114,11 @@ async def scan_bench(dsn: str, n: int) -> dict:
             started = time.perf_counter()
             for sql in (_FILL, _CHILDREN, _CATEGORIES, _LOTS):
                 await conn.execute(sql, n, AS_OF)
-            await conn.execute("ANALYZE")
+            # As autovacuum and the checkpointer leave a live table (pgbench vacuums before it measures
+            # too): the scan does not pay for the bulk load's hint bits and dirty pages.
+            await conn.execute("VACUUM ANALYZE")
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # not a superuser: no checkpoint
+                await conn.execute("CHECKPOINT")
             load = time.perf_counter() - started
             db_before = await _backends_cpu(conn)
             started, cpu = time.perf_counter(), time.process_time()
@@ -125,36 +143,96 @@ async def scan_bench(dsn: str, n: int) -> dict:
         await pool.close()
 
 
-async def handler_bench(dsn: str, events: int = 20000, batch: int = 1000) -> dict:
-    codec = AvroCodec(SchemaRegistry.load())
-    schema = "trg_bench_events"
+def _sale_record(codec: AvroCodec, decode, i: int, cid: str, at: dt.datetime, store_id: str | None,
+                 customer: dict) -> Record:
+    ev = {"event_id": f"b{i}", "type": "sale", "occurred_at": at, "utc_offset_minutes": 0, "received_at": at,
+          "source": "pos", "store_id": store_id, "customer": customer, "properties": {
+              "order_id": f"o{i}", "currency": "USD", "total": 4200, "channel": "in_store",
+              "lines": [{"sku": "s", "name": None, "category": "coffee", "quantity": 1, "unit_price": 4200}],
+              "coupon_codes": [], "points_redeemed": 0, "discount": None}}
+    raw = codec.encode(RESOLVED, {"customer_id": cid, "identifiers": [], "event": for_encoding(ev)})
+    return Record(IDENTITY_EVENTS.name, 0, i, cid.encode(), decode(IDENTITY_EVENTS, raw), raw, 0)
+
+
+def _pipeline_records(codec: AvroCodec, sales: int, lag: int) -> list[Record]:
+    """What triggers reads per sale of a new customer in bench.pipeline, decoded as the service does
+    (shared.avro_reader.lean_decoder): the resolved sale, the customer's new profile (both from
+    identity), and loyalty's points_earned, `lag` records behind (loyalty is a hop behind identity)."""
+    decode = lean_decoder(codec, (RESOLVED, PROFILE, LOYALTY))
+    out: list[Record] = []
+    loyalty: list[Record] = []
+    for i in range(sales):
+        cid, at = f"n{i}", AS_OF - dt.timedelta(seconds=sales - i)
+        out.append(_sale_record(codec, decode, i, cid, at, None, {"loyalty_id": f"L-{cid}"}))
+        raw = codec.encode(PROFILE, {
+            "customer_id": cid, "identifiers": {"loyalty_id": [f"L-{cid}"]}, "consents": {}, "tags": [],
+            "address": None, "created_at": at, "updated_at": at, "version": 1})
+        out.append(Record(IDENTITY_PROFILES.name, 0, i, cid.encode(), decode(IDENTITY_PROFILES, raw), raw, 0))
+        raw = codec.encode(LOYALTY, {
+            "event_id": f"le{i}", "kind": "points_earned", "customer_id": cid, "occurred_at": at, "points": 42,
+            "balance": 42, "order_id": f"o{i}", "cause_event_id": f"b{i}", "old_tier": None, "new_tier": None,
+            "trailing_spend": 4200, "currency": "USD", "expires_at": at + dt.timedelta(days=365)})
+        loyalty.append(Record(LOYALTY_EVENTS.name, 0, i, cid.encode(), decode(LOYALTY_EVENTS, raw), raw, 0))
+        if len(loyalty) > lag:
+            out.append(loyalty.pop(0))
+    return out + loyalty
+
+
+async def _feed(dsn: str, schema: str, records: list[Record], batch: int) -> dict:
+    """Feed `records` to a fresh handler in batches (one transaction each): wall time, this process's
+    CPU and its database backends' CPU (None on a remote server), and what fired."""
     pool = await setup_database(dsn, schema, MIGRATIONS, max_size=2)
-    clock = FixedClock(AS_OF)
-    handler = TriggersHandler(codec=codec, cfg=RuleConfig.from_rules(load_rules(environ={})), clock=clock)
-    records = []
-    for i in range(events):
-        at = AS_OF - dt.timedelta(seconds=events - i)
-        ev = {"event_id": f"b{i}", "type": "sale", "occurred_at": at, "utc_offset_minutes": 0, "received_at": at,
-              "source": "pos", "store_id": "soho", "customer": {}, "properties": {
-                  "order_id": f"o{i}", "currency": "USD", "total": 4200, "channel": "in_store",
-                  "lines": [{"sku": "s", "name": None, "category": "coffee", "quantity": 1, "unit_price": 4200}],
-                  "coupon_codes": [], "points_redeemed": 0, "discount": None}}
-        raw = codec.encode(RESOLVED, {"customer_id": f"c{i % 5000}", "identifiers": [], "event": for_encoding(ev)})
-        records.append(Record(IDENTITY_EVENTS.name, 0, i, b"", codec.decode(raw, RESOLVED), raw, 0))
+    codec = AvroCodec(SchemaRegistry.load())
+    handler = TriggersHandler(codec=codec, cfg=RuleConfig.from_rules(load_rules(environ={})), clock=FixedClock(AS_OF))
+    threshold = gc.get_threshold()
     try:
-        started = time.perf_counter()
-        for i in range(0, events, batch):
+        async with pool.acquire() as conn:  # both connections open, so the readings cover every backend
+            async with pool.acquire() as other:
+                await other.execute("SELECT 1")
+            db_before = await _backends_cpu(conn)
+        tune_gc()  # as the service runs (and the records made beforehand out of the collector's way)
+        started, cpu = time.perf_counter(), time.process_time()
+        for i in range(0, len(records), batch):
             async with pool.acquire() as conn, conn.transaction():
                 await handler(conn, records[i:i + batch])
-        elapsed = time.perf_counter() - started
+        elapsed, py_cpu = time.perf_counter() - started, time.process_time() - cpu
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
         async with pool.acquire() as conn:
+            db_cpu = _db_cpu(db_before, await _backends_cpu(conn))
             fired = await conn.fetchval("SELECT count(*) FROM fired_triggers")
-        return {"events": events, "batch": batch, "events_per_second": round(events / elapsed),
-                "fired": fired, "note": "handler only (decode excluded), one worker, 5000 customers"}
+        return {"seconds": elapsed, "python_cpu": py_cpu, "db_cpu": db_cpu, "fired": fired}
     finally:
         async with pool.acquire() as conn:
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await pool.close()
+
+
+def _us(seconds: float | None, n: int) -> float | None:
+    return None if seconds is None else round(seconds / n * 1e6, 1)
+
+
+async def handler_bench(dsn: str, events: int = 20000, batch: int = 1000) -> dict:
+    """Sales of 5000 customers in batches of `batch`; then the records bench.pipeline feeds triggers
+    for `events` sales of new customers (sale, profile, points earned), in batches of as many records."""
+    codec = AvroCodec(SchemaRegistry.load())
+    decode = lean_decoder(codec, (RESOLVED, PROFILE, LOYALTY))
+    sales = [_sale_record(codec, decode, i, f"c{i % 5000}", AS_OF - dt.timedelta(seconds=events - i), "soho", {})
+             for i in range(events)]
+    s = await _feed(dsn, "trg_bench_events", sales, batch)
+    mix = _pipeline_records(codec, events, lag=batch // 2)
+    p = await _feed(dsn, "trg_bench_pipeline", mix, batch)
+    return {"events": events, "batch": batch, "events_per_second": round(events / s["seconds"]),
+            "fired": s["fired"], "python_cpu_us_per_event": _us(s["python_cpu"], events),
+            "db_cpu_us_per_event": _us(s["db_cpu"], events),
+            "note": "handler only (decode excluded), one worker, 5000 customers",
+            "pipeline_mix": {
+                "sales": events, "records": len(mix), "batch_records": batch,
+                "sales_per_second": round(events / p["seconds"]), "fired": p["fired"],
+                "python_cpu_us_per_sale": _us(p["python_cpu"], events), "db_cpu_us_per_sale": _us(p["db_cpu"], events),
+                "cpu_us_per_sale": None if p["db_cpu"] is None else _us(p["python_cpu"] + p["db_cpu"], events),
+                "note": "per sale of a new customer: its resolved sale, new profile and points_earned "
+                        "(loyalty half a batch behind), as bench.pipeline feeds triggers; decode excluded"}}
 
 
 def main() -> None:

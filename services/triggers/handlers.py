@@ -412,46 +412,51 @@ class TriggersHandler:
         sizes are staggered (_scan_parts) so the connections do not all wait on Python at once.
         """
         started = time.perf_counter()
-        ids = await store.scan_candidates(conn, now, self.cfg, since)
-        zones = None if self.event_clock else await self._sql_zones(conn)
-        # At least four chunks when there are enough candidates, so both connections have work to overlap.
-        parts = iter(_scan_parts(ids, min(chunk, max(5000, -(-len(ids) // 4))), max(1, connections)))
-        # Candidates one in twenty customers or more: a chunk's children are read by key range.
-        dense = zones is not None and len(ids) * 20 >= await store.customers_estimate(conn)
-
-        async def work(c: asyncpg.Connection) -> int:
-            fired = 0
-            for part in parts:  # shared: each chunk goes to whichever connection is free first
-                done = None
-                if zones is not None:
-                    try:
-                        async with c.transaction():
-                            done = await self._scan_sql(c, part, now, zones, dense=dense)
-                    except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
-                        # With a batch locking the same customers, or a trigger recorded meanwhile
-                        # (store._SCAN_FIRE): rolled back, judged again.
-                        done = None
-                if done is None:  # event clock, or rolled back above: the Python rules, under row locks
-                    done = 0
-                    for sub in _chunks(part, 5000):
-                        async with c.transaction():
-                            done += await self._scan_rules(c, sub, now)
-                fired += done
-            return fired
-
         others: list[asyncpg.Connection] = []
-        # The chunks keep their rows and encoded triggers (a few hundred thousand objects) alive at once,
-        # which the cyclic collector would traverse again and again (a fifth of a large scan's Python
-        # CPU): reference counting frees all of it, and the collector pauses while the chunks run.
-        paused = len(ids) > min(chunk, 5000) and gc.isenabled()
-        if paused:
-            gc.disable()
+        paused = False
         try:
-            while pool is not None and len(others) < connections - 1 and len(ids) > min(chunk, 5000):
+            while pool is not None and len(others) < connections - 1:
                 try:
                     others.append(await pool.acquire(timeout=0.05))
                 except TimeoutError:
                     break  # no connection to spare: with those there are
+            ids = await store.scan_candidates(conn, now, self.cfg, since, other=others[0] if others else None)
+            if len(ids) <= min(chunk, 5000):  # one chunk: no use for the spares
+                for c in others:
+                    await pool.release(c)
+                others.clear()
+            zones = None if self.event_clock else await self._sql_zones(conn)
+            # At least four chunks when there are enough candidates, so both connections have work to overlap.
+            parts = iter(_scan_parts(ids, min(chunk, max(5000, -(-len(ids) // 4))), max(1, connections)))
+            # Candidates one in twenty customers or more: a chunk's children are read by key range.
+            dense = zones is not None and len(ids) * 20 >= await store.customers_estimate(conn)
+
+            async def work(c: asyncpg.Connection) -> int:
+                fired = 0
+                for part in parts:  # shared: each chunk goes to whichever connection is free first
+                    done = None
+                    if zones is not None:
+                        try:
+                            async with c.transaction():
+                                done = await self._scan_sql(c, part, now, zones, dense=dense)
+                        except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
+                            # With a batch locking the same customers, or a trigger recorded meanwhile
+                            # (store._SCAN_FIRE): rolled back, judged again.
+                            done = None
+                    if done is None:  # event clock, or rolled back above: the Python rules, under row locks
+                        done = 0
+                        for sub in _chunks(part, 5000):
+                            async with c.transaction():
+                                done += await self._scan_rules(c, sub, now)
+                    fired += done
+                return fired
+
+            # The chunks keep their rows and encoded triggers (a few hundred thousand objects) alive at
+            # once, which the cyclic collector would traverse again and again (a fifth of a large scan's
+            # Python CPU): reference counting frees all of it, and the collector pauses while they run.
+            paused = len(ids) > min(chunk, 5000) and gc.isenabled()
+            if paused:
+                gc.disable()
             # All run to their end before the spare connections go back, even when one fails.
             results = await asyncio.gather(*(work(c) for c in (conn, *others)), return_exceptions=True)
             for r in results:

@@ -25,15 +25,17 @@ async def test_candidates_hold_every_customer_with_a_trigger_due(database, uniqu
     pool = await setup_database(database, f"trgcand_{unique}", MIGRATIONS)
     try:
         await _load(pool, facts)
-        async with pool.acquire() as conn:
+        async with pool.acquire() as conn, pool.acquire() as other:
             everyone = [f.customer_id for f in facts]
             seen = 0
             for step in range(0, 72 * 60, 97):  # three days of scan instants, past every window's edges
                 at = as_of + dt.timedelta(minutes=step)
                 loaded = await store.load_facts(conn, everyone, lock=False)
                 due = {cid for cid, f in loaded.items() if R.time_based(f, at, CFG, None)}
-                candidates = set(await store.scan_candidates(conn, at, CFG))
-                assert due <= candidates, sorted(due - candidates)[:10]
+                # Every other instant the two halves of the query on two connections at once.
+                candidates = await store.scan_candidates(conn, at, CFG, other=other if step % 2 else None)
+                assert candidates == sorted(set(candidates))  # sorted, each once
+                assert due <= set(candidates), sorted(due - set(candidates))[:10]
                 seen += len(due)
             assert seen > 500
     finally:
