@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import gc
 import os
 import random
 import sys
@@ -35,6 +34,7 @@ from shared.kafka import ensure_topics, make_producer
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.rules import load_rules
+from shared.runtime import tune_gc
 from shared.topics import DEAD_LETTER, LOYALTY, RESOLVED, Topic
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "loyalty" / "migrations"
@@ -159,8 +159,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
     print(f"postgres copy {copy:.0f} rows/s", flush=True)
     # The workload's 2n objects are the benchmark's, not the worker's: keep the collector off them.
     del events, values, keys
-    gc.collect()
-    gc.freeze()
+    tune_gc()  # frozen, and the worker's gen-0 threshold, as shared.runtime.run_service sets it
 
     schema = f"loyalty_bench_{suffix}"
     pool = await setup_database(env.dsn, schema, MIGRATIONS, max_size=4)

@@ -76,6 +76,9 @@ class Book:
         self.notices: list[Notice] = []
         self.rejections: list[Rejection] = []
         self.dirty_accounts: dict[str, Account] = {}
+        # Members whose account row the store read under their lock (it exists: written with an
+        # UPDATE); the others are upserted.
+        self.stored: set[str] = set()
         self.dirty_orders: dict[str, Order] = {}
         # Keys of dirty_orders this book created: sales of orders the store was asked for and did
         # not have (written with a plain INSERT; the others are upserted).

@@ -168,6 +168,7 @@ class LoyaltyHandler:
         (and nothing expiring) gets only its oldest lots holding that many points."""
         accounts, new = await store.lock_accounts(conn, ids - book.accounts.keys(), self.rules.entry_tier)
         book.accounts.update(accounts)
+        book.stored.update(accounts.keys() - new)
         for cid in new:
             book.dirty_accounts[cid] = accounts[cid]
         known = [a for a in accounts.values() if a.customer_id not in new]

@@ -31,13 +31,20 @@ SELECT DISTINCT merged, survivor FROM r
 """
 # Members are serialised by a transaction-scoped advisory lock per customer id, taken in id
 # order: nothing is written to lock, and an account that does not exist yet is locked too.
-_LOCK_ACCOUNTS = """
-SELECT u.id, a.balance, a.tier, a.trailing_spend, a.evaluated_at, a.review_at, a.merged_into,
-       a.erased_at IS NOT NULL, a.next_expiry_at
-FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
+# The accounts are read by a second statement: a statement reads the snapshot taken when it
+# started, so a read in the locking statement would miss what the lock holder committed while
+# this one waited (and the upsert would then write over it).
+_LOCK_MEMBERS = """
+SELECT count(*) FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n)
 CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtextextended('omnicrm-loyalty:' || u.id, 0))) AS l
-LEFT JOIN accounts a ON a.customer_id = u.id
-ORDER BY u.n
+"""
+# One index probe per member (OFFSET 0 keeps it a loop): `customer_id = ANY($1)` planned while the
+# table was small (no statistics: autovacuum may be off) can keep reading it whole once it is not.
+_READ_ACCOUNTS = """
+SELECT a.customer_id, a.balance, a.tier, a.trailing_spend, a.evaluated_at, a.review_at, a.merged_into,
+       a.erased_at IS NOT NULL, a.next_expiry_at
+FROM unnest($1::text[]) AS u(id)
+CROSS JOIN LATERAL (SELECT * FROM accounts WHERE customer_id = u.id OFFSET 0) a
 """
 _ORDER_COLUMNS = ("order_key, order_id, owner, sale_event_id, sale_at, currency, total, refunded, "
                   "gross_spend, spend, earned, reversed, remaining, expires_at")
@@ -90,6 +97,15 @@ ON CONFLICT (customer_id) DO UPDATE SET balance = EXCLUDED.balance, tier = EXCLU
     review_at = EXCLUDED.review_at, next_expiry_at = EXCLUDED.next_expiry_at,
     merged_into = EXCLUDED.merged_into, updated_at = now()
 """
+# Accounts read under their lock exist: a plain UPDATE skips the upsert's speculative insert
+# (server CPU measured 6.3 against 8.9 us a row).
+_UPDATE_ACCOUNTS = """
+UPDATE accounts AS a SET balance = (e->>1)::bigint, tier = e->>2, trailing_spend = (e->>3)::bigint,
+    evaluated_at = (e->>4)::timestamptz, review_at = (e->>5)::timestamptz,
+    next_expiry_at = (e->>6)::timestamptz, merged_into = e->>7, updated_at = now()
+FROM jsonb_array_elements($1::text::jsonb) AS u(e)
+WHERE a.customer_id = e->>0
+"""
 _INSERT_REJECTIONS = """
 INSERT INTO redemption_rejections (event_id, customer_id, order_id, requested, balance, reason, occurred_at)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[],
@@ -122,16 +138,19 @@ async def lock_accounts(conn: asyncpg.Connection, ids: Iterable[str],
     new: set[str] = set()
     if not ids:
         return accounts, new
-    for r in await conn.fetch(_LOCK_ACCOUNTS, ids):
-        if r[1] is None:
-            accounts[r[0]] = Account(r[0], tier=entry_tier)
-            new.add(r[0])
+    await conn.fetchval(_LOCK_MEMBERS, ids)
+    rows = {r[0]: r for r in await conn.fetch(_READ_ACCOUNTS, ids)}
+    for cid in ids:  # in id order, as before (expiry walks the accounts in this order)
+        r = rows.get(cid)
+        if r is None:
+            accounts[cid] = Account(cid, tier=entry_tier)
+            new.add(cid)
         else:
             # Spend is carried forward until its window moves; load_orders makes it exact then.
             # Lots are loaded only for members whose points are consumed (load_orders).
             # (Positional, in Account's field order: this runs for every member of a batch.)
-            accounts[r[0]] = Account(r[0], r[1], r[2], [], False, r[8], None, {}, False, r[5],
-                                     r[6], r[7], r[3], r[4])
+            accounts[cid] = Account(cid, r[1], r[2], [], False, r[8], None, {}, False, r[5],
+                                    r[6], r[7], r[3], r[4])
     return accounts, new
 
 
@@ -255,15 +274,20 @@ class _InFlight:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.running: asyncio.Future | None = None
+        self.expect: str | None = None
 
-    async def send(self, query: str, *args) -> None:
+    async def send(self, query: str, *args, expect: str | None = None) -> None:
+        """Start `query`; `expect`: the status it must answer (else the transaction fails)."""
         await self.wait()
         self.running = asyncio.ensure_future(self.conn.execute(query, *args))
+        self.expect = expect
 
     async def wait(self) -> None:
         if self.running is not None:
             running, self.running = self.running, None
-            await running
+            status = await running
+            if self.expect is not None and status != self.expect:
+                raise RuntimeError(f"expected {self.expect}, the server answered {status}")
 
 
 async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice], bytes],
@@ -288,11 +312,16 @@ async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice],
             if changed:
                 await flight.send(_UPSERT_ORDERS, _json(changed))
         if book.dirty_accounts:
-            accts = sorted(book.dirty_accounts.values(), key=lambda a: a.customer_id)
-            payload = _json([
-                (a.customer_id, a.balance, a.tier, a.trailing_spend, a.evaluated_at, a.review_at,
-                 next_expiry(a), a.merged_into) for a in accts])
-            await flight.send(_UPSERT_ACCOUNTS, payload)
+            stored = book.stored
+            known, other = [], []
+            for a in sorted(book.dirty_accounts.values(), key=lambda a: a.customer_id):
+                (known if a.customer_id in stored else other).append(
+                    (a.customer_id, a.balance, a.tier, a.trailing_spend, a.evaluated_at,
+                     a.review_at, next_expiry(a), a.merged_into))
+            if known:
+                await flight.send(_UPDATE_ACCOUNTS, _json(known), expect=f"UPDATE {len(known)}")
+            if other:
+                await flight.send(_UPSERT_ACCOUNTS, _json(other))
         messages = [OutboxMessage(topic, n.customer_id, encode(n)) for n in book.notices]
         await flight.wait()
     finally:

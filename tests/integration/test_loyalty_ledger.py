@@ -379,3 +379,27 @@ async def test_one_order_sold_to_two_members_at_once_counts_once(loyalty):
     owner = await loyalty.pool.fetchval("SELECT owner FROM orders WHERE order_key = $1",
                                         order_key("race-o"))
     assert owner == ann
+
+
+async def test_a_member_locked_by_another_worker_is_read_after_its_commit(loyalty):
+    """Two workers applying sales of one member at once (the expiry timer and the consumer, or
+    two partitions after a merge): the second waits on the member's lock and must then read the
+    account the first committed, not the one its statement's snapshot saw before it waited
+    (its upsert would write the stale balance over the first's)."""
+    cid = loyalty.c("locked")
+    async with loyalty.pool.acquire() as first, loyalty.pool.acquire() as second:
+        t1 = first.transaction()
+        await t1.start()
+        await loyalty.handler(first, [sale(cid, "lock-1", 50_00)])
+        t2 = second.transaction()
+        await t2.start()
+        racing = asyncio.ensure_future(loyalty.handler(second, [sale(cid, "lock-2", 70_00)]))
+        pid, deadline = second.get_server_pid(), asyncio.get_running_loop().time() + 30
+        while not await loyalty.pool.fetchval(  # the second waits on the member's advisory lock
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid):
+            assert asyncio.get_running_loop().time() < deadline and not racing.done()
+            await asyncio.sleep(0.01)
+        await t1.commit()
+        await asyncio.wait_for(racing, 30)
+        await t2.commit()
+    assert await loyalty.balance(cid) == await loyalty.ledger_sum(cid) == 120

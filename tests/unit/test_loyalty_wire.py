@@ -47,7 +47,8 @@ from shared.topics import IDENTITY_EVENTS, IDENTITY_MERGES, MERGE, RESOLVED  # n
 
 DECODE = resolved_decoder(CODEC)
 RULES = LoyaltyRules.from_config(load_rules())
-short = st.text(max_size=12)
+# Strings of 64 bytes and more take two length bytes (the lean reader's slower path).
+short = st.text(max_size=12) | st.text(alphabet="ab", min_size=64, max_size=70)
 opt = st.none() | short
 amounts = st.integers(-(2 ** 40), 2 ** 40)
 lines = st.lists(st.fixed_dictionaries({"sku": short, "name": opt, "category": opt,
