@@ -298,15 +298,19 @@ async def _ready() -> dict[str, bool]:
 
 # -- writing only what changed -------------------------------------------------------------------------
 
-async def _versions(h: Harness, cid: str) -> dict[str, object]:
+async def row_versions(conn, cid: str) -> dict[str, object]:
     """Row versions (xmin) of the customer's rows: a row written again has a new one."""
+    out: dict[str, object] = {"facts": await conn.fetchval(
+        "SELECT xmin::text FROM customer_facts WHERE customer_id = $1", cid)}
+    for table, key in (("carts", "cart_id"), ("category_facts", "category"), ("point_lots", "lot_id")):
+        for r in await conn.fetch(f"SELECT {key} AS k, xmin::text AS v FROM {table} WHERE customer_id = $1", cid):
+            out[f"{table}:{r['k']}"] = r["v"]
+    return out
+
+
+async def _versions(h: Harness, cid: str) -> dict[str, object]:
     async with h.pool.acquire() as conn:
-        out: dict[str, object] = {"facts": await conn.fetchval(
-            "SELECT xmin::text FROM customer_facts WHERE customer_id = $1", cid)}
-        for table, key in (("carts", "cart_id"), ("category_facts", "category"), ("point_lots", "lot_id")):
-            for r in await conn.fetch(f"SELECT {key} AS k, xmin::text AS v FROM {table} WHERE customer_id = $1", cid):
-                out[f"{table}:{r['k']}"] = r["v"]
-        return out
+        return await row_versions(conn, cid)
 
 
 async def test_facts_round_trip_and_only_what_changed_is_written(harness: Harness):

@@ -10,7 +10,7 @@ import pytest
 from services.triggers import store
 from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointLot
 from shared.db import setup_database
-from tests.integration.test_triggers_handler import CFG, MIGRATIONS
+from tests.integration.test_triggers_handler import CFG, MIGRATIONS, row_versions
 
 pytestmark = pytest.mark.asyncio
 T0 = dt.datetime(2026, 6, 1, 14, tzinfo=dt.UTC)
@@ -37,22 +37,13 @@ class _Counting:
         return await self.conn.execute(*args)
 
 
-async def _rows(conn, cid: str) -> dict[str, object]:
-    out: dict[str, object] = {"facts": await conn.fetchval(
-        "SELECT xmin::text FROM customer_facts WHERE customer_id = $1", cid)}
-    for table, key in (("carts", "cart_id"), ("category_facts", "category"), ("point_lots", "lot_id")):
-        for r in await conn.fetch(f"SELECT {key} AS k, xmin::text AS v FROM {table} WHERE customer_id = $1", cid):
-            out[f"{table}:{r['k']}"] = r["v"]
-    return out
-
-
 async def test_every_part_of_a_save_lands_in_one_statement(database, unique):
     pool = await setup_database(database, f"trgsave_{unique}", MIGRATIONS)
     try:
         async with pool.acquire() as conn:
             async with conn.transaction():
                 await store.save_facts(conn, [_customer("ann"), _customer("bob")], CFG)
-            before = {c: await _rows(conn, c) for c in ("ann", "bob")}
+            before = {c: await row_versions(conn, c) for c in ("ann", "bob")}
             async with conn.transaction():
                 loaded = await store.load_facts(conn, ["ann", "bob"])
                 ann, bob = loaded["ann"], loaded["bob"]
@@ -84,7 +75,7 @@ async def test_every_part_of_a_save_lands_in_one_statement(database, unique):
                     assert [(lot.lot_id, lot.points) for lot in b.lots] == [("l1", 5), ("l3", 30)]
                     assert store.plan_save([b], CFG).put == {t: [] for t in store._CHILD_TABLES}
             for cid in ("ann", "bob"):
-                after = await _rows(conn, cid)
+                after = await row_versions(conn, cid)
                 assert after["facts"] != before[cid]["facts"]  # bob's too: the SQL scan sees the change
                 assert "carts:k1" not in after and "category_facts:tea" not in after and "point_lots:l2" not in after
                 assert all(after[k] != before[cid][k] for k in ("carts:k2", "category_facts:coffee", "point_lots:l1"))
