@@ -91,6 +91,13 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MILLISECOND = dt.timedelta(milliseconds=1)
 
 
+# Rows found through the partial index of unsent rows, which stays small however many sent rows the
+# retention keeps. Joined to unnest (as before) or by `id = ANY($1)` alone, plans made without
+# statistics hashed or scanned the whole outbox: 20 ms per 1000 rows at 50,000 kept rows and 50 ms at
+# 300,000, against 7 ms flat this way (measured 2026-12-07).
+MARK_SENT = "UPDATE outbox SET sent_at = now() WHERE sent_at IS NULL AND id = ANY($1::bigint[])"
+
+
 class OutboxRelay:
     """Publishes unsent outbox rows in id order and marks them sent once the broker acknowledged.
 
@@ -168,12 +175,7 @@ class OutboxRelay:
             else:  # anything with aiokafka's `send` (tests wrap the producer)
                 futures, counts = await self._send_each(rows)
             await asyncio.gather(*futures)
-            # Joined to unnest, not `id = ANY($1)`: a generic plan made while the table was small
-            # can keep a sequential scan of the whole outbox (seen: 258 against 36 us per event).
-            await conn.execute(
-                "UPDATE outbox o SET sent_at = now() FROM unnest($1::bigint[]) AS u(id) WHERE o.id = u.id",
-                [r[0] for r in rows],
-            )
+            await conn.execute(MARK_SENT, [r[0] for r in rows])
         if self.metrics is not None:
             for topic, n in counts.items():
                 self.metrics.events_produced.labels(topic=topic).inc(n)

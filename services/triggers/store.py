@@ -173,7 +173,14 @@ ON CONFLICT (customer_id) DO UPDATE SET
 """
 # A customer whose carts, categories or lots changed and whose own row did not gets a new row version
 # all the same: that is how the SQL scan (fire_scan_due) recognises facts changed since it read them.
-_TOUCH_FACTS = "UPDATE customer_facts SET updated_at = now() WHERE customer_id = ANY($1::text[])"
+# An upsert, so that each row is found through the primary key whatever the plan: the UPDATE ... WHERE
+# customer_id = ANY($1) it replaces was cached as a generic plan while the table was small and then read
+# the whole table for every batch (7 ms of a 10 ms save at 5,000 customers, growing with them). The
+# rows exist (load_facts read and locked them), so nothing is inserted.
+_TOUCH_FACTS = """
+INSERT INTO customer_facts (customer_id) SELECT unnest($1::text[])
+ON CONFLICT (customer_id) DO UPDATE SET updated_at = now()
+"""
 # Rows that went, by key, and rows new or changed, per child table. One statement per part that has
 # rows (a single statement of them all costs PostgreSQL more to plan than the parts to run).
 _CHILDREN_GONE = {

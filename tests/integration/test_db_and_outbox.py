@@ -11,7 +11,14 @@ from aiokafka import AIOKafkaConsumer
 
 from shared.db import TRANSIENT_DB_ERRORS, create_pool, migrate, setup_database
 from shared.kafka import ensure_topics, make_producer
-from shared.outbox import OutboxMessage, OutboxRelay, add_to_outbox, event_at_of, outbox_backlog
+from shared.outbox import (
+    MARK_SENT,
+    OutboxMessage,
+    OutboxRelay,
+    add_to_outbox,
+    event_at_of,
+    outbox_backlog,
+)
 from shared.topics import Topic
 
 pytestmark = pytest.mark.asyncio
@@ -173,4 +180,33 @@ async def test_relay_outlives_unplanned_errors_and_terminated_backends(broker, d
         await asyncio.gather(task, return_exceptions=True)
         await admin.close()
         await producer.stop()
+        await pool.close()
+
+
+@pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
+async def test_marking_rows_sent_reads_only_unsent_rows_whatever_the_outbox_holds(database, unique, mode):
+    """The relay marks its batch through the small index of unsent rows, not by reading the sent rows
+    the retention keeps (an hour of them), with or without statistics, in custom and cached plans."""
+    pool = await setup_database(database, f"ob_plan_{unique}", None)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            # a young outbox: prepared (and, for the generic plan, planned) while it is small
+            await conn.execute("INSERT INTO outbox (topic, value) SELECT 't', 'v' FROM generate_series(1, 20)")
+            await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+            await conn.execute(f"PREPARE mark_{unique}(bigint[]) AS {MARK_SENT}")
+            await conn.execute(f"EXECUTE mark_{unique}('{{1,2,3}}')")
+            # then it keeps 20,000 sent rows, no ANALYZE, and 500 wait
+            await conn.execute("INSERT INTO outbox (topic, value, sent_at) SELECT 't', 'v', now() "
+                               "FROM generate_series(1, 20000)")
+            await conn.execute("INSERT INTO outbox (topic, value) SELECT 't', 'v' FROM generate_series(1, 500)")
+            unsent = [r[0] for r in await conn.fetch("SELECT id FROM outbox WHERE sent_at IS NULL ORDER BY id")]
+            batch = unsent[:300]
+            ids = ",".join(map(str, batch))
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                f"EXPLAIN (ANALYZE, COSTS false) EXECUTE mark_{unique}('{{{ids}}}')"))
+            assert "Seq Scan on outbox" not in plan and "outbox_unsent" in plan, plan
+            # exactly the batch was marked: the rest still waits
+            assert [r[0] for r in await conn.fetch("SELECT id FROM outbox WHERE sent_at IS NULL ORDER BY id")] \
+                == unsent[300:]
+    finally:
         await pool.close()

@@ -1,4 +1,4 @@
-"""Every batch reads its customers' facts and child rows by key, whatever the planner knows.
+"""Every batch reads (and touches) its customers' facts and child rows by key, whatever the planner knows.
 
 The tables grow faster than autovacuum analyses them: with `customer_id = ANY($1)` the planner read
 the whole table for each batch (the custom plans), or compared every row with every id of the batch
@@ -30,7 +30,7 @@ _TABLES = ("customer_facts", "carts", "category_facts", "point_lots")
 
 
 @pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
-@pytest.mark.parametrize("name", ["_LOAD_FACTS", "_LOAD_FACTS_LOCKED", "_LOAD_CHILDREN"])
+@pytest.mark.parametrize("name", ["_LOAD_FACTS", "_LOAD_FACTS_LOCKED", "_LOAD_CHILDREN", "_TOUCH_FACTS"])
 async def test_facts_are_read_by_key_without_statistics(database, unique, mode, name):
     pool = await setup_database(database, f"trgplan_{unique}", MIGRATIONS)
     try:
