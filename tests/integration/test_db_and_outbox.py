@@ -210,3 +210,19 @@ async def test_marking_rows_sent_reads_only_unsent_rows_whatever_the_outbox_hold
                 == unsent[300:]
     finally:
         await pool.close()
+
+
+async def test_the_purge_drops_only_rows_sent_longer_ago_than_the_retention(database, unique):
+    pool = await setup_database(database, f"ob_purge_{unique}", None)
+    try:
+        relay = OutboxRelay(pool, producer=None, schema=f"ob_purge_{unique}", retention_seconds=3600)
+        async with pool.acquire() as conn:
+            await conn.execute("""
+                INSERT INTO outbox (topic, value, sent_at) VALUES ('t', 'old', now() - interval '2 hours'),
+                    ('t', 'recent', now() - interval '10 minutes'), ('t', 'waiting', NULL)""")
+            await relay._purge_and_measure(purge=False)  # the metrics alone: nothing goes
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 3
+            await relay._purge_and_measure()
+            assert sorted(r[0] for r in await conn.fetch("SELECT value FROM outbox")) == [b"recent", b"waiting"]
+    finally:
+        await pool.close()
