@@ -167,8 +167,12 @@ class BatchConsumer:
             request_timeout_ms=10000,
             # The embedded broker holds a fetch for most of max_wait even when records arrive
             # (measured 2026-11-25: p50 136 ms at the default 500 ms, 11 ms at 50 ms), and every hop
-            # of the pipeline pays it: keep it short.
-            fetch_max_wait_ms=50,
+            # of the pipeline pays it: keep it short. But each empty fetch costs the broker and this
+            # process CPU: at 50 ms an idle pipeline kept a quarter of a core busy. Measured
+            # 2026-12-07, bench.pipeline alternating 100 and 50 ms: CPU per event at 1,000 events/s
+            # 1,309-1,334 against 1,577-1,580 us, p50 136-138 against 131-137 ms, p99 253-263
+            # against 347-391 ms; at 200 ms the p50 doubled (257 ms).
+            fetch_max_wait_ms=100,
             connections_max_idle_ms=60000,
         )
         options.update(self.consumer_options)
