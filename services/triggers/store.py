@@ -853,26 +853,20 @@ CREATE TEMP TABLE scan_enc (rn bigint, trigger_id uuid, code text, key bytea, va
 # batch that changed them meanwhile makes the update skip the row (its version moved on), and those
 # customers come back with kind NULL, as do the ones the SQL cannot judge, for the Python rules.
 _SCAN_DUE = """
-WITH
--- The chunk's bounds: candidates come sorted, so when they are dense ($22) a chunk's facts and children
--- are one index range of each table rather than the whole table (min and max in the column's own collation:
--- exact whatever the order); sparse ones (a scan after most fired) are looked up one by one instead.
--- ($22 is a constant in the statement's custom plan: the CASE folds to one indexable condition.)
-lo AS MATERIALIZED (SELECT min(u) AS lo, max(u) AS hi FROM unnest($1::text[]) AS u),
-f AS MATERIALIZED (
+WITH f AS MATERIALIZED (
     SELECT f.customer_id, f.xmin AS version, f.ctid AS at, f.birthday_month AS bm, f.birthday_day AS bd, f.birthday_fired_for,
            f.last_purchase_at, f.orders_count, f.winback_fired_for, f.points_fired_for, z.tz,
            ($2::timestamptz AT TIME ZONE coalesce(z.tz, 'UTC'))::date AS today
     FROM customer_facts f LEFT JOIN stores s ON s.store_id = f.home_store_id
     CROSS JOIN LATERAL (SELECT coalesce(nullif(f.timezone, ''), nullif(s.timezone, '')) AS n) nn
     CROSS JOIN LATERAL (SELECT CASE WHEN nn.n IS NULL THEN $4::text WHEN nn.n = ANY($3::text[]) THEN nn.n END AS tz) z
-    -- dense: the rows of the chunk's key range (a bitmap of them: see scan_due_sql), each one's id
-    -- looked up in the hashed array (COLLATE "C": the same equality, but no index condition, so no
-    -- descent of the index per id), not every row of the table for every chunk; sparse: by the array
-    WHERE CASE WHEN $22 THEN f.customer_id BETWEEN (SELECT lo FROM lo) AND (SELECT hi FROM lo)
-                             AND f.customer_id COLLATE "C" = ANY($1::text[])
-               ELSE f.customer_id = ANY($1::text[]) END
+    WHERE f.customer_id = ANY($1::text[])  -- a hashed array or index scan in key order, not probes
 ),
+-- The chunk's bounds: candidates come sorted, so when they are dense ($22) a chunk's children are one
+-- index range of each table rather than the whole table (min and max in the column's own collation:
+-- exact whatever the order); sparse ones (a scan after most fired) are looked up one by one instead.
+-- ($22 is a constant in the statement's custom plan: the CASE folds to one indexable condition.)
+lo AS MATERIALIZED (SELECT min(u) AS lo, max(u) AS hi FROM unnest($1::text[]) AS u),
 cat AS MATERIALIZED (
     SELECT c.customer_id, c.category, c.quantity, cardinality(c.purchases) AS n, c.remind_at,
            c.reminded_for, c.purchases[cardinality(c.purchases)] AS last, f.tz, f.today, f.at, f.version,
@@ -1095,12 +1089,8 @@ async def scan_due_sql(conn: asyncpg.Connection, ids: Sequence[str], as_of: dt.d
     # A chunk is a known heavy batch statement: it may take longer than the services' query timeout.
     # Custom plans only: from its sixth run on a connection PostgreSQL may switch the prepared statement
     # to a generic plan, blind to the chunk's array and instant, which took 16 s for a 1 s chunk.
-    # No plain index scans: a chunk's range of customer_facts is read through a bitmap, in the table's
-    # order (plain, the planner's pick for a range it cannot size, visits the pages in key order, again
-    # and again); fire_scan_due turns them back on for its probes.
     await conn.execute("SET LOCAL TimeZone = 'UTC'; SET LOCAL jit = off; SET LOCAL statement_timeout = '10min'; "
-                       "SET LOCAL work_mem = '64MB'; SET LOCAL plan_cache_mode = force_custom_plan; "
-                       "SET LOCAL enable_indexscan = off")
+                       "SET LOCAL work_mem = '64MB'; SET LOCAL plan_cache_mode = force_custom_plan")
     await conn.execute(_SCAN_TABLES)
     cycles = sorted(cfg.replenishment_cycles.items())
     months, days = birthday_window(as_of, as_of, cfg.birthday_days_before)  # windows open at as_of
@@ -1126,7 +1116,6 @@ async def fire_scan_due(conn: asyncpg.Connection, encoded: Sequence[tuple[int, s
     `judged_again`: the customers scan_due_sql returned for the Python rules, whose rows leave scan_due.
     Triggers new by trigger_id go to the outbox in scan order. Returns how many were new per kind.
     """
-    await conn.execute("SET LOCAL enable_indexscan = on")  # one probe of fired_triggers per trigger
     if judged_again:
         await conn.execute("DELETE FROM scan_due WHERE customer_id = ANY($1::text[])", list(judged_again))
     if not encoded:
