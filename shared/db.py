@@ -72,6 +72,11 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int
                 "search_path": f"{schema},public",
                 "statement_timeout": str(statement_timeout_ms),
                 "application_name": f"omnicrm-{schema}",
+                # Every statement here is a short batch statement, and JIT compiles one for 5-10 ms when
+                # its estimated cost passes jit_above_cost, as an unnest-fed statement's estimate easily
+                # does (seen 2026-12-07: identity's probe JIT-compiled for 7 ms of its 25; notifications'
+                # and triggers' statements too): each run of a custom plan compiles again.
+                "jit": "off",
             },
         )
     except TRANSIENT_DB_ERRORS as exc:

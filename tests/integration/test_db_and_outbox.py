@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 
 import asyncpg
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -46,6 +47,23 @@ async def test_two_workers_starting_together_apply_each_migration_once(database,
     finally:
         for p in pools:
             await p.close()
+
+
+async def test_a_service_pool_never_jit_compiles_a_statement_whatever_its_estimated_cost(database, unique):
+    # Three series of unknown length, estimated at 1,000 rows each: a billion rows expected for 27, far past jit_above_cost
+    # (the way an unnest-fed batch statement's estimate runs away); a pool's statements run without JIT.
+    pool = await create_pool(database, f"jit_{unique}")
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SHOW jit") == "off"
+            plan = await conn.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) SELECT count(*) FROM generate_series(1, (3 + random() * 0)::int) a, "
+                "generate_series(1, (3 + random() * 0)::int) b, generate_series(1, (3 + random() * 0)::int) c")
+            plan = plan if isinstance(plan, list) else orjson.loads(plan)
+            assert plan[0]["Plan"]["Total Cost"] > 100_000
+            assert "JIT" not in plan[0]
+    finally:
+        await pool.close()
 
 
 async def test_relay_publishes_committed_rows_in_order_and_never_rolled_back_ones(broker, database, unique):
