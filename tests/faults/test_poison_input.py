@@ -188,21 +188,31 @@ async def test_the_same_input_twice_over_http_and_the_raw_topic_counts_once(pipe
     assert first.accepted == len(clean) and second.duplicates == len(clean)
     expected = oracle.expected_points()
 
+    mismatch = ""  # the first customer that differed at the last look, for the failure message
+
     async def ledgers_match() -> bool:
+        nonlocal mismatch
         async with httpx.AsyncClient(timeout=10) as http:
-            for key, points in expected.items():
+            for n, (key, points) in enumerate(expected.items()):
                 kind, value = key.split(":", 1)
                 r = await http.get(f"{p.url('identity')}/v1/customers/lookup?{kind}={quote(value)}",
                                    headers=auth(READ_KEY))
                 if r.status_code != 200:
+                    mismatch = f"customer {n} ({kind}) not resolved: {r.status_code}"
                     return False
-                got = await http.get(f"{p.url('loyalty')}/v1/customers/{r.json()['customer_id']}/loyalty",
-                                     headers=auth(READ_KEY))
+                cid = r.json()["customer_id"]
+                got = await http.get(f"{p.url('loyalty')}/v1/customers/{cid}/loyalty", headers=auth(READ_KEY))
                 if got.status_code != 200 or got.json()["points_balance"] != points:
+                    mismatch = (f"customer {n} ({kind}, {cid}): expected {points} points, got "
+                                f"{got.json().get('points_balance') if got.status_code == 200 else got.status_code}")
                     return False
         return True
 
-    await eventually(ledgers_match, timeout=90, interval=1.0, message="ledgers equal the oracle, input counted once")
+    try:
+        await eventually(ledgers_match, timeout=90, interval=1.0,
+                         message="ledgers equal the oracle, input counted once")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; at the last look {mismatch}") from None
     report.fault("duplicate publications (HTTP twice + raw topic)", 2 * len(clean))
     report.events("duplicated-input events", len(clean))
     report.invariant("input published twice counts once", True)
