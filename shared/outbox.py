@@ -57,14 +57,13 @@ async def add_to_outbox(conn: asyncpg.Connection, messages: Sequence[OutboxMessa
     """
     if not messages:
         return
+    keys = [m.key.encode() if m.key is not None else None for m in messages]
     if any(m.at is not None for m in messages):
-        records: list[tuple] = [(m.topic, m.key.encode() if m.key is not None else None, m.value, m.at)
-                                for m in messages]
-        columns = _COLUMNS_AT
+        records = [(m.topic, k, m.value, m.at) for m, k in zip(messages, keys, strict=True)]
+        await conn.copy_records_to_table("outbox", records=records, columns=_COLUMNS_AT)
     else:
-        records = [(m.topic, m.key.encode() if m.key is not None else None, m.value) for m in messages]
-        columns = _COLUMNS
-    await conn.copy_records_to_table("outbox", records=records, columns=columns)
+        records = [(m.topic, k, m.value) for m, k in zip(messages, keys, strict=True)]
+        await conn.copy_records_to_table("outbox", records=records, columns=_COLUMNS)
 
 
 def event_at_header(at: dt.datetime | None) -> list[tuple[str, bytes]]:

@@ -50,8 +50,8 @@ async def test_two_workers_starting_together_apply_each_migration_once(database,
 
 
 async def test_a_service_pool_never_jit_compiles_a_statement_whatever_its_estimated_cost(database, unique):
-    # Three series of unknown length, estimated at 1,000 rows each: a billion rows expected for 27, far past jit_above_cost
-    # (the way an unnest-fed batch statement's estimate runs away); a pool's statements run without JIT.
+    # Three series of unknown length, estimated at 1,000 rows each: a billion rows expected for 27, far
+    # past jit_above_cost (as an unnest-fed batch statement's estimate runs away). No JIT in a pool.
     pool = await create_pool(database, f"jit_{unique}")
     try:
         async with pool.acquire() as conn:
