@@ -9,7 +9,13 @@ import sys
 import time
 import uuid
 
-from bench.environment import bench_environment, plain_consume_rate, produce_values, save
+from bench.environment import (
+    bench_environment,
+    consumer_lanes,
+    plain_consume_rate,
+    produce_values,
+    save,
+)
 from shared.avro import AvroCodec, SchemaRegistry
 from shared.batch_consumer import BatchConsumer, Record
 from shared.db import setup_database
@@ -37,7 +43,7 @@ async def run(env, n: int) -> dict:
             # One set-based statement per batch: aggregate in SQL, upsert.
             await conn.execute(
                 "INSERT INTO survivors (survivor, merges, last) "
-                "SELECT s, count(*), max(m) FROM unnest($1::text[], $2::text[]) AS u(s, m) GROUP BY s "
+                "SELECT s, count(*), max(m) FROM unnest($1::text[], $2::text[]) AS u(s, m) GROUP BY s ORDER BY s "
                 "ON CONFLICT (survivor) DO UPDATE SET merges = survivors.merges + EXCLUDED.merges, last = EXCLUDED.last",
                 [r.value["survivor"] for r in records], [r.value["merged"] for r in records])
 
@@ -47,7 +53,8 @@ async def run(env, n: int) -> dict:
 
         consumer = BatchConsumer(service="bench", bootstrap=env.bootstrap, group_id=f"bench-{uuid.uuid4().hex[:6]}",
                                  topics=[Topic(topic, MERGE)], pool=pool, handler=handler, codec=codec,
-                                 metrics=ServiceMetrics("bench"), dlq_topic=topic + ".dlq", max_records=2000)
+                                 metrics=ServiceMetrics("bench"), dlq_topic=topic + ".dlq", max_records=2000,
+                                 lanes=consumer_lanes())
         await consumer.start()
         task = asyncio.create_task(consumer.run())
         started = time.perf_counter()
@@ -69,7 +76,7 @@ async def run(env, n: int) -> dict:
         return {"records": n, "kafka_produce_per_s": round(produce), "kafka_consume_per_s": round(plain),
                 "batch_consumer_per_s": round(rate), "group_join_s": round(join_s, 2), "ratio_to_plain_consumer": round(rate / plain, 3),
                 "plain_loop_same_work_per_s": round(same_work),
-                "ratio_to_plain_loop_same_work": round(rate / same_work, 3)}
+                "ratio_to_plain_loop_same_work": round(rate / same_work, 3), "consumer_lanes": consumer_lanes()}
 
 
 async def plain_loop_same_work(bootstrap, topic, n, codec, pool, handler) -> float:

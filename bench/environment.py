@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
+from shared.config import load_settings
 from shared.kafka import make_producer
 from shared.stack import Broker, Postgres, create_database, drop_database, free_port
 
@@ -50,6 +51,12 @@ def bench_environment() -> Iterator[BenchEnv]:
         pg.stop()
         if broker is not None:
             broker.stop()
+
+
+def consumer_lanes() -> int:
+    """The lanes a service's batch consumer applies with (OMNICRM_CONSUMER_LANES), for the
+    benchmarks that wire a BatchConsumer themselves."""
+    return load_settings().consumer_lanes
 
 
 async def produce_values(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] | None = None) -> float:

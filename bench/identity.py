@@ -20,7 +20,13 @@ from pathlib import Path
 
 import psutil
 
-from bench.environment import bench_environment, plain_consume_rate, produce_values, save
+from bench.environment import (
+    bench_environment,
+    consumer_lanes,
+    plain_consume_rate,
+    produce_values,
+    save,
+)
 from services.identity.handlers import IdentityHandler, IdentityMetrics
 from services.identity.normalise import Normaliser
 from services.identity.resolution import Guard
@@ -143,6 +149,7 @@ async def run(env, n: int, customers: int) -> dict:
     del events, values
     gc.collect()
 
+    lanes = consumer_lanes()  # as the service runs: one lane per partition of the 4
     producer = make_producer(env.bootstrap, "bench-identity")
     await producer.start()
     relay = OutboxRelay(pool, producer, "identity", metrics, batch_size=5000)
@@ -151,7 +158,7 @@ async def run(env, n: int, customers: int) -> dict:
                              topics=[Topic(topic, EVENT)], pool=pool, handler=handler, codec=codec,
                              metrics=metrics, dlq_topic=topic + ".dlq", max_records=1000,
                              decoder=event_decoder(codec),  # as services/identity/app.py wires it
-                             on_committed=relay.wake)
+                             on_committed=relay.wake, lanes=lanes)
     await consumer.start()
     tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
     first = None
@@ -200,7 +207,7 @@ async def run(env, n: int, customers: int) -> dict:
         "worker_cpu_us_per_event": round(cpu_us, 1),
         "postgres_backend_cpu_us_per_event": round(pg_us, 1),
         "cpu_us_per_event_total": round(cpu_us + pg_us, 1),
-        "target_per_s": 20000, "graph_after": dict(stats),
+        "consumer_lanes": lanes, "target_per_s": 20000, "graph_after": dict(stats),
         "mix": "40% sales + 40% views of known shoppers, 10% new, 9% new device id, 1% merges",
     }
 

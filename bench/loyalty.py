@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
-from bench.environment import bench_environment, copy_rate, produce_values, save
+from bench.environment import bench_environment, consumer_lanes, copy_rate, produce_values, save
 from services.loyalty.handlers import LoyaltyHandler
 from services.loyalty.rules import LoyaltyRules
 from services.loyalty.wire import resolved_decoder
@@ -173,7 +173,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
                              topics=[Topic(source, RESOLVED)], pool=pool, handler=handler,
                              codec=codec, metrics=metrics, dlq_topic=source + ".dlq",
                              decoder=resolved_decoder(codec),  # as services/loyalty/app.py wires it
-                             max_records=2000, on_committed=relay.wake)
+                             max_records=2000, on_committed=relay.wake, lanes=consumer_lanes())
     await _within("consumer start", 60, consumer.start())
     tasks = [asyncio.create_task(consumer.run(), name="consumer"),
              asyncio.create_task(relay.run(), name="relay")]
@@ -235,7 +235,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
             "postgres_cpu_us_per_event": None if pg_cpu is None else round(pg_cpu / (n - counted_from) * 1e6, 1),
             "ratio_to_plain_consumer": round(rate / plain, 3),
             "ratio_to_read_then_copy": round(rate * (1 / plain + 1 / copy), 3),
-            "target_per_s": 25_000, "meets_target": rate >= 25_000}
+            "consumer_lanes": consumer_lanes(), "target_per_s": 25_000, "meets_target": rate >= 25_000}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ or broker away) are retried with capped back-off, up to a bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -102,8 +103,8 @@ class _Rebalance(ConsumerRebalanceListener):
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked) -> None:
-        # Wait for the batch in flight so its offsets are stored before another worker takes over.
-        async with self.owner._in_flight:
+        # Wait for the batches in flight so their offsets are stored before another worker takes over.
+        async with self.owner._all_lanes():
             await self.owner._commit_kafka({}, force=True)  # still ours: bring them up to date
         self.owner._forget(revoked)
 
@@ -120,7 +121,7 @@ class BatchConsumer:
                  dlq_topic: str, decoder: Decoder | None = None, max_records: int = 1000,
                  max_transient_attempts: int = 60, on_committed: Callable[[], None] | None = None,
                  consumer_options: dict[str, Any] | None = None, clock: Clock | None = None,
-                 event_order: bool = False, order_grace_ms: int = 500) -> None:
+                 event_order: bool = False, order_grace_ms: int = 500, lanes: int = 1) -> None:
         self.service = service
         self.bootstrap = bootstrap
         self.group_id = group_id
@@ -138,9 +139,15 @@ class BatchConsumer:
         # Dead letters are stamped with operational (wall) time, also during event-time replays.
         self.clock = clock or WallClock()
         self.consumer: AIOKafkaConsumer | None = None
-        self._in_flight = asyncio.Lock()
+        # Partition p is applied in lane p % lanes: each lane applies its batches one at a time, in
+        # order, on its own connection, while the other lanes apply theirs. A lane is a worker
+        # that owns those partitions, without the process: only for handlers that are safe with
+        # two workers at once (they all must be, to scale out). Event-time order uses one lane.
+        self.lanes = 1 if event_order else max(1, lanes)
+        self._in_flight = [asyncio.Lock() for _ in range(self.lanes)]
         self.commit_interval = 1.0
-        self._applying: asyncio.Task | None = None  # the batch being applied while the next is read
+        # per lane, the batch being applied while the next is read
+        self._applying: list[asyncio.Task | None] = [None] * self.lanes
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._committed_at = 0.0
         self._claimed: set[tuple[str, int]] = set()  # partitions whose position row exists
@@ -185,7 +192,7 @@ class BatchConsumer:
 
     async def stop(self) -> None:
         if self.consumer is not None:
-            async with self._in_flight:
+            async with self._all_lanes():
                 await self._commit_kafka({}, force=True)
                 await self.consumer.stop()
             self.consumer = None
@@ -194,26 +201,38 @@ class BatchConsumer:
         """Consume until cancelled.
 
         Batches are pipelined: while one batch is applied in PostgreSQL, the next is fetched and
-        decoded here, so the database's work and this process's overlap on two cores. Batches are
-        still applied one at a time, in order.
+        decoded here, so the database's work and this process's overlap on two cores. A lane's
+        batches are still applied one at a time, in order.
         """
         assert self.consumer is not None, "start() first"
-        self._applying = None
+        self._applying = [None] * self.lanes
         try:
             await self._consume()
         finally:
-            if self._applying is not None and not self._applying.done():
-                self._applying.cancel()
-                await asyncio.gather(self._applying, return_exceptions=True)
+            pending = [t for t in self._applying if t is not None and not t.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _wait_applied(self) -> None:
-        if self._applying is not None:
-            task, self._applying = self._applying, None
-            await task  # re-raises what the batch could not get past
+    async def _wait_applied(self, lane: int | None = None) -> None:
+        for n in range(self.lanes) if lane is None else (lane,):
+            task, self._applying[n] = self._applying[n], None
+            if task is not None:
+                await task  # re-raises what the batch could not get past
+
+    @contextlib.asynccontextmanager
+    async def _all_lanes(self):
+        """Hold every lane (in a fixed order): no batch is being applied meanwhile."""
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in self._in_flight:
+                await stack.enter_async_context(lock)
+            yield
 
     async def _consume(self) -> None:
         assert self.consumer is not None
         while True:
+            if self.lanes > 1 and await self._feed_lanes():
+                continue
             try:
                 # While records wait for event-time order, look again soon: the wait ends by time.
                 wait = 50 if self._order is not None and self._order.held() else 200
@@ -228,15 +247,48 @@ class BatchConsumer:
             if not messages:
                 await self._wait_applied()
                 if self._uncommitted:
-                    async with self._in_flight:  # idle: bring the committed offsets up to date
+                    async with self._all_lanes():  # idle: bring the committed offsets up to date
                         await self._commit_kafka({}, force=True)
             if self._order is not None:
                 if messages or self._order.held():
                     await self.process_in_event_order(messages)
             elif messages:
+                for lane, part in self._split(messages):
+                    prepared = self._prepare(part)
+                    await self._wait_applied(lane)
+                    self._applying[lane] = asyncio.create_task(self._apply_batch(*prepared, lane=lane))
+
+    async def _feed_lanes(self) -> bool:
+        """One round over the lanes, each fed from its own partitions' fetched records (getmany
+        drains one partition before the next, so a shared batch would mostly feed one lane).
+        False when nothing was waiting: the caller then waits for records of any partition."""
+        consumer = self.consumer
+        assert consumer is not None
+        fed = False
+        assignment = consumer.assignment()
+        for lane in range(self.lanes):
+            mine = [tp for tp in assignment if tp.partition % self.lanes == lane]
+            if not mine:
+                continue
+            try:
+                batch = await consumer.getmany(*mine, timeout_ms=0, max_records=self.max_records)
+            except KafkaError:  # e.g. a partition revoked meanwhile: the waiting fetch handles it
+                return fed
+            messages = [m for msgs in batch.values() for m in msgs]
+            if messages:
+                fed = True
                 prepared = self._prepare(messages)
-                await self._wait_applied()
-                self._applying = asyncio.create_task(self._apply_batch(*prepared))
+                await self._wait_applied(lane)
+                self._applying[lane] = asyncio.create_task(self._apply_batch(*prepared, lane=lane))
+        return fed
+
+    def _split(self, messages: list[Any]) -> list[tuple[int, list[Any]]]:
+        if self.lanes == 1:
+            return [(0, messages)]
+        parts: dict[int, list[Any]] = {}
+        for m in messages:
+            parts.setdefault(m.partition % self.lanes, []).append(m)
+        return sorted(parts.items())
 
     async def process(self, messages: list[Any]) -> None:
         """Apply one fetched batch exactly once (public for tests and benchmarks)."""
@@ -330,8 +382,8 @@ class BatchConsumer:
 
     async def _apply_batch(self, records: list[Record], dead: list[DeadLetter],
                            positions: dict[tuple[str, int], int], per_topic: dict[str, int],
-                           started: float) -> None:
-        async with self._in_flight:
+                           started: float, lane: int = 0) -> None:
+        async with self._in_flight[lane]:
             await self._apply_with_retry(records, dead, positions)
             await self._commit_kafka(positions)
         for name, count in per_topic.items():

@@ -48,6 +48,8 @@ class Settings:
     host: str = "127.0.0.1"
     ports: Mapping[str, int] = field(default_factory=lambda: dict(SERVICE_PORTS))
     partitions: int = 4
+    # Batches of different partitions a worker applies at once (shared/batch_consumer.py).
+    consumer_lanes: int = 4
     log_level: str = "INFO"
     embedded: bool = True
 
@@ -165,6 +167,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         host=env.get("OMNICRM_HOST", "127.0.0.1"),
         ports=ports,
         partitions=_int(env, "OMNICRM_PARTITIONS", 4, 1, 256),
+        consumer_lanes=_int(env, "OMNICRM_CONSUMER_LANES", 4, 1, 64),
         log_level=_choice(env, "OMNICRM_LOG_LEVEL", ("debug", "info", "warning", "error"), "info").upper(),
         embedded=embedded,
     )

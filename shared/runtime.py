@@ -59,11 +59,14 @@ class Runtime:
 
     # -- wiring -----------------------------------------------------------------------------
     def consume(self, topics: Sequence[Topic], handler: Handler, *, group: str | None = None,
-                decoder: Decoder | None = None, max_records: int = 1000) -> None:
-        """Register a batch consumer of `topics` in group `<service>.hot` (or `group`)."""
+                decoder: Decoder | None = None, max_records: int = 1000, lanes: int | None = None) -> None:
+        """Register a batch consumer of `topics` in group `<service>.hot` (or `group`).
+
+        `lanes`: batches of different partitions applied at once (BatchConsumer); by default
+        `OMNICRM_CONSUMER_LANES`."""
         self._consumer_specs.append(dict(topics=topics, handler=handler,
                                          group=group or f"{self.service}.hot",
-                                         decoder=decoder, max_records=max_records))
+                                         decoder=decoder, max_records=max_records, lanes=lanes))
 
     def every(self, seconds: float, job: Callable[[], Awaitable[Any]], *, name: str,
               leader: bool = True) -> None:
@@ -110,7 +113,10 @@ class Runtime:
     async def open(self) -> None:
         s = self.settings
         await ensure_topics(s.kafka, s.partitions)
-        self.pool = await setup_database(s.dsn, self.schema, self.migrations, max_size=self.pool_size)
+        lanes = [spec["lanes"] or s.consumer_lanes for spec in self._consumer_specs]
+        # A connection per lane, and room beside them for the relay, timers and HTTP.
+        pool_size = max(self.pool_size, sum(lanes) + 6)
+        self.pool = await setup_database(s.dsn, self.schema, self.migrations, max_size=pool_size)
         if isinstance(self.clock, EventClock):
             mark = await self.pool.fetchval(
                 "SELECT watermark FROM clock_watermark WHERE service = $1", self.service)
@@ -120,13 +126,13 @@ class Runtime:
         await self.producer.start()
         self.relay = OutboxRelay(self.pool, self.producer, self.schema, self.metrics)
         dlq = DLQ_OF_SERVICE[self.service].name
-        for spec in self._consumer_specs:
+        for spec, spec_lanes in zip(self._consumer_specs, lanes, strict=True):
             consumer = BatchConsumer(
                 service=self.service, bootstrap=s.kafka, group_id=spec["group"],
                 topics=spec["topics"], pool=self.pool, handler=spec["handler"], codec=self.codec,
                 metrics=self.metrics, dlq_topic=dlq, decoder=spec["decoder"],
                 max_records=spec["max_records"], on_committed=self.relay.wake,
-                event_order=isinstance(self.clock, EventClock),
+                event_order=isinstance(self.clock, EventClock), lanes=spec_lanes,
             )
             await consumer.start()
             self.consumers.append(consumer)

@@ -43,10 +43,11 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 def start_worker(broker: str, database: str, *, schema: str, topic: str, group: str, dlq: str,
-                 name: str, delay: float = 0.0, max_records: int = 500) -> subprocess.Popen:
+                 name: str, delay: float = 0.0, max_records: int = 500, lanes: int = 4) -> subprocess.Popen:
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=broker, DATABASE_URL=database,
                TEST_SCHEMA=schema, TEST_TOPIC=topic, TEST_GROUP=group, TEST_DLQ=dlq,
-               TEST_WORKER=name, TEST_HANDLER_DELAY=str(delay), TEST_MAX_RECORDS=str(max_records))
+               TEST_WORKER=name, TEST_HANDLER_DELAY=str(delay), TEST_MAX_RECORDS=str(max_records),
+               TEST_LANES=str(lanes))
     log_dir = ROOT / ".omnicrm" / "test-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"worker-{schema}-{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -94,7 +95,8 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait(5)
 
 
-async def test_sigkill_mid_batch_applies_every_record_exactly_once(broker, database, unique):
+@pytest.mark.parametrize("lanes", [1, 4])
+async def test_sigkill_mid_batch_applies_every_record_exactly_once(broker, database, unique, lanes):
     topic, dlq, schema = f"bc.kill.{unique}", f"bc.dlq.{unique}", f"bc_kill_{unique}"
     await ensure_topics(broker, 4, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
     n = 20000
@@ -105,19 +107,19 @@ async def test_sigkill_mid_batch_applies_every_record_exactly_once(broker, datab
     good = n - len(poison_at) - 1
 
     worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
-                          dlq=dlq, name="first", delay=0.02)
+                          dlq=dlq, name="first", delay=0.02, lanes=lanes)
     try:
         # Kill it while it is part-way through, twice.
         await eventually(lambda: _above(database, schema, good // 4), timeout=60, message="first quarter applied")
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
-                              dlq=dlq, name="second", delay=0.02)
+                              dlq=dlq, name="second", delay=0.02, lanes=lanes)
         await eventually(lambda: _above(database, schema, good // 2), timeout=60, message="half applied")
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         worker = start_worker(broker, database, schema=schema, topic=topic, group=f"g-{unique}",
-                              dlq=dlq, name="third")
+                              dlq=dlq, name="third", lanes=lanes)
         await eventually(lambda: _above(database, schema, good - 1), timeout=90, message="all applied")
         rows, distinct, counter = await applied_stats(database, schema)
         assert (rows, distinct, counter) == (good, good, good)
@@ -292,5 +294,68 @@ async def test_a_position_moved_by_someone_else_is_read_again_not_overwritten(da
         assert applied[-1] == 34 and await stored() == 50, "the position never goes back"
         await consumer.process(batch(50, 52))
         assert applied[-2:] == [50, 51] and await stored() == 52
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("lanes", [1, 4])
+async def test_lanes_apply_different_partitions_at_once_and_each_partition_in_order(broker, database, unique, lanes):
+    """With lanes, batches of different partitions are in the handler at the same time (a worker's
+    database round trips overlap), while each partition's records still arrive in offset order and
+    every record is applied once. With one lane, never two batches at once."""
+    from shared.batch_consumer import BatchConsumer
+    from shared.db import setup_database
+    from shared.metrics import ServiceMetrics
+
+    topic, dlq, schema = f"bc.lanes.{unique}", f"bc.lanesdlq.{unique}", f"bc_lanes_{unique}"
+    await ensure_topics(broker, 4, [Topic(topic, MERGE), Topic(dlq, DEAD_LETTER)])
+    n = 4000
+    await produce(broker, topic, [merge_record(i) for i in range(n)])
+    pool = await setup_database(database, schema, None, max_size=lanes + 1)
+    await pool.execute("CREATE TABLE applied (topic text, partition int, \"offset\" bigint, PRIMARY KEY (topic, partition, \"offset\"))")
+    order: dict[int, list[int]] = {}
+    inside = peak = 0
+
+    async def handler(conn, records) -> None:
+        nonlocal inside, peak
+        inside += 1
+        peak = max(peak, inside)
+        try:
+            for r in records:
+                order.setdefault(r.partition, []).append(r.offset)
+            await conn.execute('INSERT INTO applied SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[])',
+                               [r.topic for r in records], [r.partition for r in records],
+                               [r.offset for r in records])
+            await conn.execute("SELECT pg_sleep(0.01)")  # a handler with database work worth overlapping
+        finally:
+            inside -= 1
+
+    consumer = BatchConsumer(service="lanes", bootstrap=broker, group_id=f"g-{unique}", topics=[Topic(topic, MERGE)],
+                             pool=pool, handler=handler, codec=CODEC, metrics=ServiceMetrics(f"lanes{lanes}"),
+                             dlq_topic=dlq, max_records=100, lanes=lanes)
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+
+    async def all_applied() -> bool:
+        return await pool.fetchval("SELECT count(*) FROM applied") >= n
+
+    try:
+        await eventually(all_applied, timeout=90, message="every record applied")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+    try:
+        assert await pool.fetchval("SELECT count(*) FROM applied") == n  # the primary key refuses a second
+        assert sorted(order) == [0, 1, 2, 3]
+        for partition, offsets in order.items():
+            assert offsets == sorted(set(offsets)), f"partition {partition} applied out of order or twice"
+        stored = await pool.fetch("SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1",
+                                  f"g-{unique}")
+        assert {r["partition"]: r["next_offset"] for r in stored} == {p: max(o) + 1 for p, o in order.items()}
+        if lanes == 1:
+            assert peak == 1
+        else:
+            assert peak >= 2, "no two partitions' batches were ever applied at once"
     finally:
         await pool.close()

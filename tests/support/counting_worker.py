@@ -34,7 +34,7 @@ async def main() -> None:
     schema = env["TEST_SCHEMA"]
     worker = env.get("TEST_WORKER", "w")
     delay = float(env.get("TEST_HANDLER_DELAY", "0"))
-    pool = await setup_database(env["DATABASE_URL"], schema, None, max_size=4)
+    pool = await setup_database(env["DATABASE_URL"], schema, None, max_size=6)
     async with pool.acquire() as conn:
         await conn.execute(MIGRATION)
     codec = AvroCodec(SchemaRegistry.load())
@@ -59,7 +59,7 @@ async def main() -> None:
         service="testworker", bootstrap=env["KAFKA_BOOTSTRAP_SERVERS"], group_id=env["TEST_GROUP"],
         topics=[Topic(env["TEST_TOPIC"], MERGE)], pool=pool, handler=handler, codec=codec,
         metrics=metrics, dlq_topic=env["TEST_DLQ"], max_records=int(env.get("TEST_MAX_RECORDS", "500")),
-        on_committed=relay.wake)
+        on_committed=relay.wake, lanes=int(env.get("TEST_LANES", "4")))
     await consumer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

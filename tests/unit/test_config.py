@@ -15,6 +15,7 @@ def test_embedded_defaults():
     assert s.clock == "wall" and s.delivery == "sandbox" and s.base_currency == "USD"
     assert [k.name for k in s.api_keys] == [DEV_KEY_NAME]
     assert s.port("ingestion") == 8000 and s.port("notifications") == 8004
+    assert s.consumer_lanes == 4
 
 
 def test_values_are_read_and_normalised():
@@ -23,15 +24,18 @@ def test_values_are_read_and_normalised():
         "DATABASE_URL": "postgresql://u@db/omnicrm",
         "OMNICRM_API_KEYS": "pos:s3cret:ingest,bi:other:read|read_pii",
         "OMNICRM_CLOCK": "EVENT", "OMNICRM_DELIVERY": "live", "OMNICRM_BASE_CURRENCY": "eur",
-        "OMNICRM_TRIGGERS_PORT": "9103",
+        "OMNICRM_TRIGGERS_PORT": "9103", "OMNICRM_CONSUMER_LANES": "2",
     })
     assert s.clock == "event" and s.delivery == "live" and s.base_currency == "EUR"
     assert {k.name: k.scopes for k in s.api_keys} == {"pos": {"ingest"}, "bi": {"read", "read_pii"}}
     assert s.port("triggers") == 9103
+    assert s.consumer_lanes == 2
 
 
 @pytest.mark.parametrize(("env", "variable"), [
     ({"OMNICRM_CLOCK": "sundial"}, "OMNICRM_CLOCK"),
+    ({"OMNICRM_CONSUMER_LANES": "0"}, "OMNICRM_CONSUMER_LANES"),
+    ({"OMNICRM_CONSUMER_LANES": "four"}, "OMNICRM_CONSUMER_LANES"),
     ({"OMNICRM_DELIVERY": "carrier-pigeon"}, "OMNICRM_DELIVERY"),
     ({"KAFKA_BOOTSTRAP_SERVERS": "no-port-here"}, "KAFKA_BOOTSTRAP_SERVERS"),
     ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
