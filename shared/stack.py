@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,7 +33,29 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the range the kernel gives outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port to listen on, taken from below the ephemeral range. A port the kernel picks (bind to
+    port 0) comes from the range every outgoing connection takes its local port from, so between
+    the pick and the listener's bind a client connection of the stack itself could take it (seen:
+    a test stack's identity failing with 'address already in use')."""
+    low = _ephemeral_low()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            if port not in _HANDED_OUT and port_is_free(host, port):
+                _HANDED_OUT.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
