@@ -259,14 +259,21 @@ class BatchConsumer:
                     self._applying[lane] = asyncio.create_task(self._apply_batch(*prepared, lane=lane))
 
     async def _feed_lanes(self) -> bool:
-        """One round over the lanes, each fed from its own partitions' fetched records (getmany
-        drains one partition before the next, so a shared batch would mostly feed one lane).
-        False when nothing was waiting: the caller then waits for records of any partition."""
+        """Feed each free lane from its own partitions' fetched records (getmany drains one
+        partition before the next, so a batch of all partitions would mostly feed one lane). A busy
+        lane is passed over, so a slow partition holds up only its own lane. True when a lane was
+        fed or is still busy; False when all are idle and nothing was waiting: the caller then
+        waits for records of any partition."""
         consumer = self.consumer
         assert consumer is not None
         fed = False
         assignment = consumer.assignment()
         for lane in range(self.lanes):
+            running = self._applying[lane]
+            if running is not None:
+                if not running.done():
+                    continue
+                await self._wait_applied(lane)  # re-raises what the batch could not get past
             mine = [tp for tp in assignment if tp.partition % self.lanes == lane]
             if not mine:
                 continue
@@ -278,9 +285,15 @@ class BatchConsumer:
             if messages:
                 fed = True
                 prepared = self._prepare(messages)
-                await self._wait_applied(lane)
                 self._applying[lane] = asyncio.create_task(self._apply_batch(*prepared, lane=lane))
-        return fed
+        if fed:
+            return True
+        busy = [t for t in self._applying if t is not None and not t.done()]
+        if not busy:
+            return False
+        # Nothing for the free lanes yet: look again when a lane finishes, or soon.
+        await asyncio.wait(busy, timeout=0.02, return_when=asyncio.FIRST_COMPLETED)
+        return True
 
     def _split(self, messages: list[Any]) -> list[tuple[int, list[Any]]]:
         if self.lanes == 1:
