@@ -139,14 +139,16 @@ class BatchConsumer:
         # Dead letters are stamped with operational (wall) time, also during event-time replays.
         self.clock = clock or WallClock()
         self.consumer: AIOKafkaConsumer | None = None
-        # Partition p is applied in lane p % lanes: each lane applies its batches one at a time, in
-        # order, on its own connection, while the other lanes apply theirs. A lane is a worker
-        # that owns those partitions, without the process: only for handlers that are safe with
-        # two workers at once (they all must be, to scale out). Event-time order uses one lane.
+        # Partition p is applied in lane p % lanes: a lane applies its batches one at a time, in
+        # order, on its own connection, while other lanes apply theirs. A lane is a worker that
+        # owns those partitions, without the process: only for handlers that are safe with two
+        # workers at once (they all must be, to scale out). A lane with few records waiting
+        # shares one batch with the others that have few, so a light load is applied in batches
+        # as large as with one lane. Event-time order uses one lane.
         self.lanes = 1 if event_order else max(1, lanes)
         self._in_flight = [asyncio.Lock() for _ in range(self.lanes)]
         self.commit_interval = 1.0
-        # per lane, the batch being applied while the next is read
+        # per lane, the batch being applied while the next is read (a shared batch in each of its lanes)
         self._applying: list[asyncio.Task | None] = [None] * self.lanes
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._committed_at = 0.0
@@ -220,13 +222,22 @@ class BatchConsumer:
             if task is not None:
                 await task  # re-raises what the batch could not get past
 
+    def _all_lanes(self):
+        """Hold every lane: no batch is being applied meanwhile."""
+        return self._holding(range(self.lanes))
+
     @contextlib.asynccontextmanager
-    async def _all_lanes(self):
-        """Hold every lane (in a fixed order): no batch is being applied meanwhile."""
+    async def _holding(self, lanes):
         async with contextlib.AsyncExitStack() as stack:
-            for lock in self._in_flight:
-                await stack.enter_async_context(lock)
+            for lane in sorted(lanes):  # one order everywhere: no deadlock between holders
+                await stack.enter_async_context(self._in_flight[lane])
             yield
+
+    def _start(self, lanes: tuple[int, ...], messages: list[Any]) -> None:
+        """Apply `messages` (of free `lanes`) in the background; their lanes wait for it."""
+        task = asyncio.create_task(self._apply_batch(*self._prepare(messages), lanes=lanes))
+        for lane in lanes:
+            self._applying[lane] = task
 
     async def _consume(self) -> None:
         assert self.consumer is not None
@@ -253,25 +264,32 @@ class BatchConsumer:
                 if messages or self._order.held():
                     await self.process_in_event_order(messages)
             elif messages:
-                for lane, part in self._split(messages):
-                    prepared = self._prepare(part)
+                lanes = tuple(sorted({m.partition % self.lanes for m in messages}))
+                if self.lanes == 1:  # the next batch is decoded while the last one is applied
+                    prepared = self._prepare(messages)
+                    await self._wait_applied(0)
+                    self._applying[0] = asyncio.create_task(self._apply_batch(*prepared))
+                    continue
+                for lane in lanes:
                     await self._wait_applied(lane)
-                    self._applying[lane] = asyncio.create_task(self._apply_batch(*prepared, lane=lane))
+                self._start(lanes, messages)
 
     async def _feed_lanes(self) -> bool:
-        """Feed each free lane from its own partitions' fetched records (getmany drains one
+        """Feed the free lanes, each from its own partitions' fetched records (getmany drains one
         partition before the next, so a batch of all partitions would mostly feed one lane). A busy
         lane is passed over, so a slow partition holds up only its own lane. True when a lane was
         fed or is still busy; False when all are idle and nothing was waiting: the caller then
         waits for records of any partition."""
         consumer = self.consumer
         assert consumer is not None
-        fed = False
         assignment = consumer.assignment()
+        fetched: dict[int, list[Any]] = {}
+        busy: list[asyncio.Task] = []
         for lane in range(self.lanes):
             running = self._applying[lane]
             if running is not None:
                 if not running.done():
+                    busy.append(running)
                     continue
                 await self._wait_applied(lane)  # re-raises what the batch could not get past
             mine = [tp for tp in assignment if tp.partition % self.lanes == lane]
@@ -280,28 +298,24 @@ class BatchConsumer:
             try:
                 batch = await consumer.getmany(*mine, timeout_ms=0, max_records=self.max_records)
             except KafkaError:  # e.g. a partition revoked meanwhile: the waiting fetch handles it
-                return fed
+                break
             messages = [m for msgs in batch.values() for m in msgs]
             if messages:
-                fed = True
-                prepared = self._prepare(messages)
-                self._applying[lane] = asyncio.create_task(self._apply_batch(*prepared, lane=lane))
-        if fed:
+                fetched[lane] = messages
+        few = self.max_records // self.lanes
+        shared = tuple(lane for lane, msgs in fetched.items() if len(msgs) < few)
+        for lane, msgs in fetched.items():
+            if lane not in shared:
+                self._start((lane,), msgs)
+        if shared:  # together at most max_records
+            self._start(shared, [m for lane in shared for m in fetched[lane]])
+        if fetched:
             return True
-        busy = [t for t in self._applying if t is not None and not t.done()]
         if not busy:
             return False
         # Nothing for the free lanes yet: look again when a lane finishes, or soon.
-        await asyncio.wait(busy, timeout=0.02, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(set(busy), timeout=0.02, return_when=asyncio.FIRST_COMPLETED)
         return True
-
-    def _split(self, messages: list[Any]) -> list[tuple[int, list[Any]]]:
-        if self.lanes == 1:
-            return [(0, messages)]
-        parts: dict[int, list[Any]] = {}
-        for m in messages:
-            parts.setdefault(m.partition % self.lanes, []).append(m)
-        return sorted(parts.items())
 
     async def process(self, messages: list[Any]) -> None:
         """Apply one fetched batch exactly once (public for tests and benchmarks)."""
@@ -395,8 +409,8 @@ class BatchConsumer:
 
     async def _apply_batch(self, records: list[Record], dead: list[DeadLetter],
                            positions: dict[tuple[str, int], int], per_topic: dict[str, int],
-                           started: float, lane: int = 0) -> None:
-        async with self._in_flight[lane]:
+                           started: float, lanes: tuple[int, ...] = (0,)) -> None:
+        async with self._holding(lanes):
             await self._apply_with_retry(records, dead, positions)
             await self._commit_kafka(positions)
         for name, count in per_topic.items():
