@@ -298,6 +298,18 @@ async def test_a_position_moved_by_someone_else_is_read_again_not_overwritten(da
         await pool.close()
 
 
+async def run_until(consumer, probe, *, timeout: float) -> None:
+    """Run an in-process consumer until `probe` holds, then stop it."""
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(probe, timeout=timeout, message="every record applied")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+
+
 @pytest.mark.parametrize("lanes", [1, 4])
 async def test_lanes_apply_different_partitions_at_once_and_each_partition_in_order(broker, database, unique, lanes):
     """With lanes, batches of different partitions are in the handler at the same time (a worker's
@@ -333,18 +345,11 @@ async def test_lanes_apply_different_partitions_at_once_and_each_partition_in_or
     consumer = BatchConsumer(service="lanes", bootstrap=broker, group_id=f"g-{unique}", topics=[Topic(topic, MERGE)],
                              pool=pool, handler=handler, codec=CODEC, metrics=ServiceMetrics(f"lanes{lanes}"),
                              dlq_topic=dlq, max_records=100, lanes=lanes)
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
 
     async def all_applied() -> bool:
         return await pool.fetchval("SELECT count(*) FROM applied") >= n
 
-    try:
-        await eventually(all_applied, timeout=90, message="every record applied")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
+    await run_until(consumer, all_applied, timeout=90)
     try:
         assert await pool.fetchval("SELECT count(*) FROM applied") == n  # the primary key refuses a second
         assert sorted(order) == [0, 1, 2, 3]
@@ -386,18 +391,13 @@ async def test_lanes_share_one_batch_when_few_records_wait(broker, database, uni
     consumer = BatchConsumer(service="few", bootstrap=broker, group_id=f"g-{unique}", topics=[Topic(topic, MERGE)],
                              pool=pool, handler=handler, codec=CODEC, metrics=ServiceMetrics("few"),
                              dlq_topic=dlq, max_records=1000, lanes=4)
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
 
     async def all_seen() -> bool:
         return sum(len(b) for b in batches) >= 40
 
     try:
-        await eventually(all_seen, timeout=60, message="every record applied")
+        await run_until(consumer, all_seen, timeout=60)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
         await pool.close()
     assert sorted(p for b in batches for p in b) == sorted((i % 4, i // 4) for i in range(40))
     assert any(len({p for p, _ in b}) > 1 for b in batches), f"one lane per batch: {[len(b) for b in batches]}"
