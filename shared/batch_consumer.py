@@ -264,12 +264,12 @@ class BatchConsumer:
                 if messages or self._order.held():
                     await self.process_in_event_order(messages)
             elif messages:
-                lanes = tuple(sorted({m.partition % self.lanes for m in messages}))
                 if self.lanes == 1:  # the next batch is decoded while the last one is applied
                     prepared = self._prepare(messages)
                     await self._wait_applied(0)
                     self._applying[0] = asyncio.create_task(self._apply_batch(*prepared))
                     continue
+                lanes = tuple(sorted({m.partition % self.lanes for m in messages}))
                 for lane in lanes:
                     await self._wait_applied(lane)
                 self._start(lanes, messages)
