@@ -181,6 +181,20 @@ async def test_redelivered_events_change_nothing(loyalty):
     assert before[1] == after[1] and before[2] == after[2]
 
 
+async def test_a_second_sale_under_a_used_event_id_never_moves_the_balance_alone(loyalty):
+    """A publisher that reuses an event id for another order. In a later batch the second sale
+    fails (the batch consumer then dead-letters it); in the same batch it is taken for a
+    re-delivery. Either way the balance stays the sum of the ledger."""
+    erin = loyalty.c("erin")
+    await loyalty.feed(sale(erin, "s1", 100_00, order="o1"))
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await loyalty.feed(sale(erin, "s1", 250_00, order="o2"))
+    assert await loyalty.balance(erin) == await loyalty.ledger_sum(erin) == 100
+    frank = loyalty.c("frank")
+    await loyalty.feed(sale(frank, "s9", 10_00, order="o8"), sale(frank, "s9", 20_00, order="o9"))
+    assert await loyalty.balance(frank) == await loyalty.ledger_sum(frank) == 10
+
+
 async def test_a_merge_adds_two_balances_once_and_an_unmerge_moves_them_back(loyalty):
     a, b = loyalty.c("a"), loyalty.c("b")
     await loyalty.feed(sale(a, "a1", 3000_00), sale(b, "b1", 2500_00, order="b-order"))
