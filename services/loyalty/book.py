@@ -111,11 +111,14 @@ class Book:
     # -- applying commands --------------------------------------------------------------------
     def apply(self, cmd: Command, as_of: dt.datetime,
               unmerge_orders: list[str] | None = None) -> bool:
-        """Apply one command as of `as_of` (>= its event time); False when it was already applied."""
-        key = command_key(cmd)
-        if key in self.processed:
-            return False
-        self.processed.add(key)
+        """Apply one command as of `as_of` (>= its event time); False when it was already applied.
+        A sale counts once by its order (_sale), not by its event id: a second order under a used
+        event id is not a re-delivery, and its ledger entry's key refuses it (store.write)."""
+        if not isinstance(cmd, Sale):
+            key = command_key(cmd)
+            if key in self.processed:
+                return False
+            self.processed.add(key)
         if isinstance(cmd, Sale):
             self._sale(cmd, as_of)
         elif isinstance(cmd, Return):

@@ -11,6 +11,7 @@ import orjson
 
 from services.loyalty.book import Book, next_expiry
 from services.loyalty.ledger import Account, Notice, Order
+from shared.errors import PermanentError
 from shared.outbox import OutboxMessage, add_to_outbox
 from shared.topics import LOYALTY_EVENTS
 
@@ -65,8 +66,9 @@ SELECT {_ORDER_COLUMNS} FROM orders WHERE owner = ANY($3::text[]) AND sale_at > 
 # their order, returns and merges by the processed table, expiry by the lot it empties), so an
 # entry's (event_id, kind) exists already only when two different commands carry one event id.
 # Skipping that entry, as DO NOTHING did, left a balance that was not the sum of its ledger; the
-# key violation fails the batch and the consumer dead-letters the second command. (DO NOTHING
-# also cost the server ~4 of 12 us an entry, measured 2026-12-07.)
+# key violation fails the batch (write raises PermanentError "event_id_reused") and the consumer
+# dead-letters the second command. (DO NOTHING also cost the server ~4 of 12 us an entry,
+# measured 2026-12-07.)
 _INSERT_LEDGER = """
 INSERT INTO ledger (entry_id, customer_id, kind, points, balance_after, event_id, order_id,
                     occurred_at, expires_at, detail)
@@ -329,6 +331,12 @@ async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice],
                 await flight.send(_UPSERT_ACCOUNTS, _json(other))
         messages = [OutboxMessage(topic, n.customer_id, encode(n)) for n in book.notices]
         await flight.wait()
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "ledger_pkey":
+            raise
+        # Event ids are publishers' ids, not personal data: they may be named.
+        raise PermanentError("event_id_reused", "another command already made a ledger entry under "
+                             f"this event id ({exc.detail})") from exc
     finally:
         if flight.running is not None:  # something failed on this side: let the statement end
             await asyncio.gather(flight.running, return_exceptions=True)

@@ -30,6 +30,7 @@ from shared.http import create_app
 from shared.metrics import ServiceMetrics
 from shared.rules import load_rules
 from shared.topics import IDENTITY_EVENTS, IDENTITY_MERGES, LOYALTY, MERGE, RESOLVED
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.asyncio
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "loyalty" / "migrations"
@@ -182,17 +183,20 @@ async def test_redelivered_events_change_nothing(loyalty):
 
 
 async def test_a_second_sale_under_a_used_event_id_never_moves_the_balance_alone(loyalty):
-    """A publisher that reuses an event id for another order. In a later batch the second sale
-    fails (the batch consumer then dead-letters it); in the same batch it is taken for a
-    re-delivery. Either way the balance stays the sum of the ledger."""
+    """A publisher that reuses an event id for another order: the batch holding the second sale
+    fails with a permanent error (the batch consumer then applies its records one by one and
+    dead-letters that sale under this reason). The balance stays the sum of the ledger."""
     erin = loyalty.c("erin")
     await loyalty.feed(sale(erin, "s1", 100_00, order="o1"))
-    with pytest.raises(asyncpg.UniqueViolationError):
-        await loyalty.feed(sale(erin, "s1", 250_00, order="o2"))
+    for batch in ([sale(erin, "s1", 250_00, order="o2")],                                   # later
+                  [sale(erin, "s5", 10_00, order="o5"), sale(erin, "s5", 20_00, order="o6")]):  # same batch
+        with pytest.raises(PermanentError) as refused:
+            await loyalty.feed(*batch)
+        assert refused.value.reason == "event_id_reused" and "earn)" in str(refused.value)
     assert await loyalty.balance(erin) == await loyalty.ledger_sum(erin) == 100
-    frank = loyalty.c("frank")
-    await loyalty.feed(sale(frank, "s9", 10_00, order="o8"), sale(frank, "s9", 20_00, order="o9"))
-    assert await loyalty.balance(frank) == await loyalty.ledger_sum(frank) == 10
+    # The same order sent twice in one batch is still one sale, whatever its event ids.
+    await loyalty.feed(sale(erin, "s7", 10_00, order="o7"), sale(erin, "s7", 10_00, order="o7"))
+    assert await loyalty.balance(erin) == await loyalty.ledger_sum(erin) == 110
 
 
 async def test_a_merge_adds_two_balances_once_and_an_unmerge_moves_them_back(loyalty):
@@ -417,3 +421,53 @@ async def test_a_member_locked_by_another_worker_is_read_after_its_commit(loyalt
         await asyncio.wait_for(racing, 30)
         await t2.commit()
     assert await loyalty.balance(cid) == await loyalty.ledger_sum(cid) == 120
+
+
+async def test_a_reused_event_id_is_dead_lettered_by_the_worker_and_the_partition_moves_on(
+        broker, database, unique):
+    """Through the real consumer: the sale that reuses an event id goes to the dead-letter topic
+    with its reason, the sales around it are applied, and the stored position passes all three."""
+    from services.loyalty.wire import resolved_decoder
+    from shared.batch_consumer import BatchConsumer
+    from shared.kafka import ensure_topics, make_producer
+    from shared.topics import DEAD_LETTER, Topic
+
+    topic, dlq = f"loyalty.reuse.{unique}", f"loyalty.reusedlq.{unique}"
+    await ensure_topics(broker, 1, [Topic(topic, RESOLVED), Topic(dlq, DEAD_LETTER)])
+    gina = f"gina-{unique}"
+    producer = make_producer(broker, "test-producer")
+    await producer.start()
+    try:
+        for r in (sale(gina, "s1", 100_00, order="o1"), sale(gina, "s1", 700_00, order="o2"),
+                  sale(gina, "s2", 30_00, order="o3")):
+            await (await producer.send(topic, r.raw, key=gina.encode()))
+    finally:
+        await producer.stop()
+    pool = await setup_database(database, f"loyalty_reuse_{unique}", MIGRATIONS, max_size=4)
+    consumer = BatchConsumer(service="loyalty", bootstrap=broker, group_id=f"g-{unique}",
+                             topics=[Topic(topic, RESOLVED)], pool=pool,
+                             handler=LoyaltyHandler(RULES, CODEC, FixedClock(T0)), codec=CODEC,
+                             metrics=ServiceMetrics("loyalty"), dlq_topic=dlq,
+                             decoder=resolved_decoder(CODEC), max_records=100, lanes=1)
+
+    async def position_past_all() -> bool:
+        return await pool.fetchval("SELECT next_offset FROM consumer_offsets WHERE group_id = $1",
+                                   f"g-{unique}") == 3
+
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(position_past_all, timeout=60, message="the partition passed all three records")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+    try:
+        letters = [CODEC.decode(v, DEAD_LETTER)
+                   for v in await pool.fetchval("SELECT array_agg(value) FROM outbox WHERE topic = $1", dlq)]
+        assert [(d["reason"], d["offset"]) for d in letters] == [("event_id_reused", 1)]
+        balance = await pool.fetchval("SELECT balance FROM accounts WHERE customer_id = $1", gina)
+        assert balance == await pool.fetchval(
+            "SELECT sum(points) FROM ledger WHERE customer_id = $1", gina) == 100 + 30
+    finally:
+        await pool.close()
