@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -57,6 +58,36 @@ def consumer_lanes() -> int:
     """The lanes a service's batch consumer applies with (OMNICRM_CONSUMER_LANES), for the
     benchmarks that wire a BatchConsumer themselves."""
     return load_settings().consumer_lanes
+
+
+class LoopThreadTime:
+    """Where this thread's wall time went between start() and shares(): on a core, waiting in the
+    run queue for one, or neither (blocked: the event loop waiting for the broker or PostgreSQL).
+    A worker whose loop thread is on a core or queued for one nearly all the time is bound by its
+    one Python thread, whatever its database does. From /proc/thread-self/schedstat (Linux)."""
+
+    def __init__(self) -> None:
+        self._path = Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")
+        self._start: tuple[float, float, float] | None = None
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            on_cpu, queued = (int(v) / 1e9 for v in self._path.read_text().split()[:2])
+        except (OSError, ValueError):
+            return None
+        return time.perf_counter(), on_cpu, queued
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def shares(self) -> dict[str, float] | None:
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        wall = end[0] - self._start[0]
+        on_cpu, queued = (end[i] - self._start[i] for i in (1, 2))
+        return {"on_cpu": round(on_cpu / wall, 2), "waiting_for_a_core": round(queued / wall, 2),
+                "blocked": round(max(0.0, 1 - (on_cpu + queued) / wall), 2)}
 
 
 async def produce_values(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] | None = None) -> float:

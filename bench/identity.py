@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from bench.environment import (
+    LoopThreadTime,
     bench_environment,
     consumer_lanes,
     plain_consume_rate,
@@ -163,6 +164,7 @@ async def run(env, n: int, customers: int) -> dict:
     tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
     first = None
     cpu_first = 0.0
+    loop_thread = LoopThreadTime()
     pg_before: dict[int, float] = {}
     pg_after: dict[int, float] = {}
     while consumer.applied < n:
@@ -170,9 +172,11 @@ async def run(env, n: int, customers: int) -> dict:
         if first is None and consumer.applied:
             first = time.perf_counter()
             cpu_first = time.process_time()
+            loop_thread.start()
             applied_first = consumer.applied
             await backend_cpu(pool, env.database, pg_before)
     resolved_at = time.perf_counter()
+    thread = loop_thread.shares()
     await backend_cpu(pool, env.database, pg_after)
     # CPU of this process (consumer, handler, relay; not the broker or PostgreSQL) per event
     # resolved after the first batch: comparable across runs on a shared machine.
@@ -207,6 +211,7 @@ async def run(env, n: int, customers: int) -> dict:
         "worker_cpu_us_per_event": round(cpu_us, 1),
         "postgres_backend_cpu_us_per_event": round(pg_us, 1),
         "cpu_us_per_event_total": round(cpu_us + pg_us, 1),
+        "worker_loop_thread": thread,
         "consumer_lanes": lanes, "target_per_s": 20000, "graph_after": dict(stats),
         "mix": "40% sales + 40% views of known shoppers, 10% new, 9% new device id, 1% merges",
     }

@@ -21,7 +21,14 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
-from bench.environment import bench_environment, consumer_lanes, copy_rate, produce_values, save
+from bench.environment import (
+    LoopThreadTime,
+    bench_environment,
+    consumer_lanes,
+    copy_rate,
+    produce_values,
+    save,
+)
 from services.loyalty.handlers import LoyaltyHandler
 from services.loyalty.rules import LoyaltyRules
 from services.loyalty.wire import resolved_decoder
@@ -178,6 +185,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
     tasks = [asyncio.create_task(consumer.run(), name="consumer"),
              asyncio.create_task(relay.run(), name="relay")]
     started, first, cpu_first, counted_from = time.perf_counter(), None, None, 0
+    loop_thread = LoopThreadTime()
     pg_first: dict[int, float] = {}
     last, moved_at, give_up = -1, time.perf_counter(), time.perf_counter() + deadline_s
     failure = None
@@ -187,6 +195,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
             now = time.perf_counter()
             if first is None and consumer.applied:
                 first, cpu_first, counted_from = now, time.process_time(), consumer.applied
+                loop_thread.start()
                 pg_first = await _backend_cpu(pool)
             for t in tasks:
                 if t.done():
@@ -201,6 +210,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
                                    f"({dead:.0f} dead-lettered)")
         elapsed = time.perf_counter() - (first or started)
         cpu = time.process_time() - (cpu_first or 0.0)
+        thread = loop_thread.shares()
         pg_last = await _backend_cpu(pool)
         pg_cpu = sum(t - pg_first.get(pid, 0.0) for pid, t in pg_last.items()) if pg_last else None
     except BenchFailure as exc:
@@ -233,6 +243,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
             "postgres_copy_rows_per_s": round(copy), "loyalty_events_per_s_one_worker": round(rate),
             "worker_cpu_us_per_event": round(cpu / (n - counted_from) * 1e6, 1),
             "postgres_cpu_us_per_event": None if pg_cpu is None else round(pg_cpu / (n - counted_from) * 1e6, 1),
+            "worker_loop_thread": thread,
             "ratio_to_plain_consumer": round(rate / plain, 3),
             "ratio_to_read_then_copy": round(rate * (1 / plain + 1 / copy), 3),
             "consumer_lanes": consumer_lanes(), "target_per_s": 25_000, "meets_target": rate >= 25_000}
