@@ -46,6 +46,12 @@ def command_key(cmd: Command) -> str:
     return cmd.event_id
 
 
+def return_key(ret: Return) -> str:
+    """A return counts once by what it returns, as a sale does by its order: a till that sends the
+    same return again under a new event id must not take the member's points back twice."""
+    return f"return:{order_key(ret.order_id)}:{ret.return_id}"
+
+
 class LotsNotLoaded(RuntimeError):
     """Points had to be consumed from lots the store did not load (a bug in what was loaded)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from services.loyalty import store
-from services.loyalty.book import Book, LotsNotLoaded, command_key
+from services.loyalty.book import Book, LotsNotLoaded, command_key, return_key
 from services.loyalty.ledger import (
     TIER_CHANGED,
     Account,
@@ -85,6 +85,10 @@ def parse(value: dict[str, Any] | None, rules: LoyaltyRules) -> Command | None:
     return None
 
 
+def _keys(c: Return | MergeCommand) -> tuple[str, ...]:
+    return (command_key(c), return_key(c)) if isinstance(c, Return) else (command_key(c),)
+
+
 def _properties(event: dict[str, Any]) -> dict[str, Any]:
     props = event.get("properties")
     if isinstance(props, tuple):  # decoded with union branch names
@@ -138,17 +142,19 @@ class LoyaltyHandler:
                     now: dt.datetime) -> None:
         """Apply commands in order, each at most once ever; merges run on their own.
 
-        Sales are made idempotent by their order (the orders table); returns and merges by a
-        processed key, recorded here in one statement."""
-        keyed = [command_key(c) for c in commands if isinstance(c, _KEYED)]
+        Sales are made idempotent by their order (the orders table); returns and merges by
+        processed keys, recorded here in one statement: a return by its event id and by what it
+        returns (return_key), so neither a re-delivery nor the same return under a new event id
+        counts twice."""
+        keyed = [k for c in commands if isinstance(c, _KEYED) for k in _keys(c)]
         fresh = await store.mark_processed(conn, keyed)
         segment: list[Command] = []
         for c in commands:
             if isinstance(c, _KEYED):
-                key = command_key(c)
-                if key not in fresh:
+                keys = _keys(c)
+                if not all(k in fresh for k in keys):
                     continue
-                fresh.discard(key)  # a second copy in the same batch is a duplicate too
+                fresh.difference_update(keys)  # a second copy in the same batch is a duplicate too
             if isinstance(c, MergeCommand):
                 await self._segment(conn, segment, now)
                 segment = []

@@ -57,9 +57,10 @@ def sale(cid: str, eid: str, total: int, at: dt.datetime = T0, *, currency: str 
                     total=total, lines=[], points_redeemed=redeem)
 
 
-def refund(cid: str, eid: str, order: str, total: int, at: dt.datetime = T0) -> Record:
-    return resolved(cid, "return", eid, at, order_id=order, return_id=f"r-{eid}", currency="USD",
-                    total=total, lines=[])
+def refund(cid: str, eid: str, order: str, total: int, at: dt.datetime = T0, *,
+           return_id: str | None = None) -> Record:
+    return resolved(cid, "return", eid, at, order_id=order, return_id=return_id or f"r-{eid}",
+                    currency="USD", total=total, lines=[])
 
 
 def merge(kind: str, survivor: str, merged: str, merge_id: str, at: dt.datetime = T0) -> Record:
@@ -180,6 +181,23 @@ async def test_redelivered_events_change_nothing(loyalty):
              await loyalty.pool.fetch("SELECT * FROM ledger WHERE customer_id = $1 ORDER BY seq", dan))
     assert before[0]["balance"] == after[0]["balance"] == 6000 - 50 + 10 - 1000
     assert before[1] == after[1] and before[2] == after[2]
+
+
+async def test_the_same_return_under_a_new_event_id_takes_points_back_once(loyalty):
+    """A till that retries a return with a fresh event id: the return counts once by its order
+    and return id, in a later batch and in the same one, as a sale counts once by its order."""
+    hana = loyalty.c("hana")
+    await loyalty.feed(sale(hana, "s1", 100_00, order="o1"))
+    await loyalty.feed(refund(hana, "r1", "o1", 40_00, return_id="ret-1"))
+    await loyalty.feed(refund(hana, "r1-retry", "o1", 40_00, return_id="ret-1"))
+    await loyalty.feed(refund(hana, "r2", "o1", 10_00, return_id="ret-2"),
+                       refund(hana, "r2-retry", "o1", 10_00, return_id="ret-2"))
+    acct = await loyalty.account(hana)
+    assert (acct["balance"], acct["trailing_spend"]) == (100 - 40 - 10, 100_00 - 40_00 - 10_00)
+    assert await loyalty.ledger_sum(hana) == 50
+    # A different return of the same order is a return of its own.
+    await loyalty.feed(refund(hana, "r3", "o1", 10_00, return_id="ret-3"))
+    assert await loyalty.balance(hana) == 40
 
 
 async def test_a_second_sale_under_a_used_event_id_never_moves_the_balance_alone(loyalty):
