@@ -200,6 +200,19 @@ async def test_the_same_return_under_a_new_event_id_takes_points_back_once(loyal
     assert await loyalty.balance(hana) == 40
 
 
+async def test_returns_applied_before_return_keys_get_them_from_the_migration(loyalty):
+    """A return applied before returns had their own key (only the event id was recorded): the
+    migration derives the key from its ledger entry, so a retry under a new event id counts once."""
+    ivan = loyalty.c("ivan")
+    await loyalty.feed(sale(ivan, "s1", 100_00, order="o1"))
+    await loyalty.feed(refund(ivan, "r1", "o1", 40_00, return_id="ret-1"))
+    async with loyalty.pool.acquire() as conn:
+        await conn.execute("DELETE FROM processed WHERE key LIKE 'return:%'")  # as the old code left it
+        await conn.execute((MIGRATIONS / "005_return_keys.sql").read_text())
+    await loyalty.feed(refund(ivan, "r1-retry", "o1", 40_00, return_id="ret-1"))
+    assert await loyalty.balance(ivan) == await loyalty.ledger_sum(ivan) == 60
+
+
 async def test_a_second_sale_under_a_used_event_id_never_moves_the_balance_alone(loyalty):
     """A publisher that reuses an event id for another order: the batch holding the second sale
     fails with a permanent error (the batch consumer then applies its records one by one and
