@@ -87,6 +87,24 @@ def _event_time(record: Record) -> dt.datetime | None:
     return v.get("occurred_at") or v.get("updated_at")
 
 
+def _event_key(ev: dict[str, Any]) -> tuple[str, str]:
+    """The key an identity event is stored and folded once under (customer_events' source, event_id).
+
+    A sale by its order and a return by its order and return id, as loyalty counts them: a till that
+    sends one again under a new event id must not add a second purchase to the customer's order count
+    and lifetime spend. Everything else by its event id."""
+    kind = ev["type"]
+    if kind == "sale" or kind == "return":
+        props = ev.get("properties") or {}
+        order = props.get("order_id")
+        if order:
+            if kind == "sale":
+                return "identity:order", order
+            if props.get("return_id"):
+                return "identity:return", f"{order}\x1f{props['return_id']}"
+    return "identity", ev["event_id"]
+
+
 def _store_of(event: dict[str, Any]) -> Store | None:
     s = (event.get("properties") or {}).get("store") or {}
     if not s.get("store_id") or not s.get("name"):
@@ -146,7 +164,7 @@ class TriggersHandler:
         for r in records:
             if r.topic == self.t_events and r.value is not None:
                 ev = r.value["event"]
-                rows.append(("identity", ev["event_id"], r.value["customer_id"], ev["occurred_at"], r.raw or b""))
+                rows.append((*_event_key(ev), r.value["customer_id"], ev["occurred_at"], r.raw or b""))
             elif r.topic == self.t_loyalty and r.value is not None:
                 rows.append(("loyalty", r.value["event_id"], r.value["customer_id"], r.value["occurred_at"], r.raw or b""))
         # Events resolved before a merge that we applied already belong to the survivor now.
@@ -208,8 +226,10 @@ class TriggersHandler:
                 triggers += self._retro(f, late, v.get("updated_at"), now, R.birthday_coupon)
             elif r.topic == self.t_events:
                 ev, cid = v["event"], alias.get(v["customer_id"], v["customer_id"])
-                if ("identity", ev["event_id"]) not in new:
+                key = _event_key(ev)
+                if key not in new:
                     continue
+                new.discard(key)  # a second copy in this batch is a duplicate too
                 if ev["type"] == "erase_request":
                     facts[cid] = None
                     touched.discard(cid)
@@ -228,6 +248,7 @@ class TriggersHandler:
             elif r.topic == self.t_loyalty:
                 if ("loyalty", v["event_id"]) not in new:
                     continue
+                new.discard(("loyalty", v["event_id"]))
                 f = live(alias.get(v["customer_id"], v["customer_id"]))
                 late = f.last_event_at
                 apply_loyalty(f, v)
@@ -355,7 +376,7 @@ class TriggersHandler:
         f = reset_activity(current) if current is not None else CustomerFacts(head)
         purchases = []
         for source, raw in await store.owned_events(conn, members):
-            if source == "identity":
+            if source != "loyalty":  # identity's, under whichever key _event_key gave it
                 ev = self.codec.decode(raw, RESOLVED)["event"]
                 if ev["type"] == "erase_request":
                     continue

@@ -212,6 +212,35 @@ async def test_redelivered_event_is_folded_once_and_stale_sale_gets_no_thank_you
     assert [t["kind"] for t in await h.fired()] == []  # two weeks old: no thank-you, no welcome
 
 
+async def test_a_sale_or_return_sent_again_under_a_new_event_id_counts_once(harness: Harness):
+    """A till's retry with a fresh event id is the same purchase, as loyalty counts it: one order,
+    one return, whether the copy comes in a later batch or the same one; a merge's re-derivation
+    from the stored events agrees."""
+    h = harness
+    h.clock.set(T0)
+    first = sale("dee", "s1", T0 - dt.timedelta(days=3), store_id=None)
+    props = {**first.value["event"]["properties"]}
+    retry = event("dee", "s1-retry", "sale", T0 - dt.timedelta(days=3), props)
+    await h.feed(first)
+    await h.feed(retry)
+    back = {"order_id": props["order_id"], "return_id": "ret-1", "currency": "USD", "total": 2000,
+            "lines": []}
+    await h.feed(event("dee", "r1", "return", T0 - dt.timedelta(days=1), back),
+                 event("dee", "r1-retry", "return", T0 - dt.timedelta(days=1), back))
+    row = await h.facts("dee")
+    assert (row["orders_count"], row["lifetime_spend"]) == (1, 12000 - 2000)
+    # Another order and another return of the same order are purchases and returns of their own.
+    await h.feed(sale("dee", "s2", T0 - dt.timedelta(days=2), total=3000, store_id=None),
+                 event("dee", "r2", "return", T0, {**back, "return_id": "ret-2", "total": 1000}))
+    row = await h.facts("dee")
+    assert (row["orders_count"], row["lifetime_spend"]) == (2, 12000 - 2000 + 3000 - 1000)
+    await h.feed(sale("eve", "e1", T0 - dt.timedelta(days=4), total=500, store_id=None))
+    await h.feed(merge("merged", "eve", "dee", T0))
+    await h.feed(merge("unmerged", "eve", "dee", T0 + dt.timedelta(hours=1)))  # re-derived from events
+    row = await h.facts("dee")
+    assert (row["orders_count"], row["lifetime_spend"]) == (2, 12000)
+
+
 async def test_merge_folds_and_unmerge_rederives_from_own_events(harness: Harness):
     h = harness
     h.clock.set(T0)
@@ -408,4 +437,5 @@ async def test_events_of_a_merged_customer_fold_into_its_survivor(harness: Harne
     assert (s["orders_count"], s["lifetime_spend"]) == (3, 27000) and await h.facts("m") is None
     async with h.pool.acquire() as conn:
         assert await conn.fetchval("SELECT customer_id FROM point_lots WHERE lot_id = 'lm'") == "s"
-        assert await conn.fetchval("SELECT owner FROM customer_events WHERE event_id = 'm2'") == "m"
+        # (A sale is stored under its order: handlers._event_key.)
+        assert await conn.fetchval("SELECT owner FROM customer_events WHERE event_id = 'o-m2'") == "m"
