@@ -246,9 +246,10 @@ class TriggersHandler:
                 if amount is not None:
                     purchases.append((cid, ev["event_id"], ev["occurred_at"], amount))
             elif r.topic == self.t_loyalty:
-                if ("loyalty", v["event_id"]) not in new:
+                key = ("loyalty", v["event_id"])
+                if key not in new:
                     continue
-                new.discard(("loyalty", v["event_id"]))
+                new.discard(key)
                 f = live(alias.get(v["customer_id"], v["customer_id"]))
                 late = f.last_event_at
                 apply_loyalty(f, v)
