@@ -7,10 +7,10 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Sequence
 
 import asyncpg
-import orjson
 
 from services.loyalty.book import Book, next_expiry
 from services.loyalty.ledger import Account, Notice, Order
+from shared.db import json_rows
 from shared.errors import PermanentError
 from shared.outbox import OutboxMessage, add_to_outbox
 from shared.topics import LOYALTY_EVENTS
@@ -270,10 +270,6 @@ async def due_customers(conn: asyncpg.Connection, now: dt.datetime, entry_tier: 
 
 # -- writing ---------------------------------------------------------------------------------------
 
-def _json(rows: list[tuple]) -> str:
-    return orjson.dumps(rows).decode()
-
-
 class _InFlight:
     """At most one statement in flight on the connection while Python prepares the next one: the
     server inserts one table's rows while this side encodes the next table's (two cores)."""
@@ -303,7 +299,7 @@ async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice],
     flight = _InFlight(conn)
     try:
         if book.entries:
-            await flight.send(_INSERT_LEDGER, _json([
+            await flight.send(_INSERT_LEDGER, json_rows([
                 (e.entry_id, e.customer_id, e.kind, e.points, e.balance_after, e.event_id,
                  e.order_id, e.occurred_at, e.expires_at, e.detail) for e in book.entries]))
         if book.dirty_orders:
@@ -315,9 +311,9 @@ async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice],
                      o.total, o.refunded, o.gross_spend, o.spend, o.earned, o.reversed,
                      o.remaining, o.expires_at))
             if fresh:
-                await flight.send(_INSERT_ORDERS, _json(fresh))
+                await flight.send(_INSERT_ORDERS, json_rows(fresh))
             if changed:
-                await flight.send(_UPSERT_ORDERS, _json(changed))
+                await flight.send(_UPSERT_ORDERS, json_rows(changed))
         if book.dirty_accounts:
             stored = book.stored
             known, other = [], []
@@ -326,9 +322,9 @@ async def write(conn: asyncpg.Connection, book: Book, encode: Callable[[Notice],
                     (a.customer_id, a.balance, a.tier, a.trailing_spend, a.evaluated_at,
                      a.review_at, next_expiry(a), a.merged_into))
             if known:
-                await flight.send(_UPDATE_ACCOUNTS, _json(known), expect=f"UPDATE {len(known)}")
+                await flight.send(_UPDATE_ACCOUNTS, json_rows(known), expect=f"UPDATE {len(known)}")
             if other:
-                await flight.send(_UPSERT_ACCOUNTS, _json(other))
+                await flight.send(_UPSERT_ACCOUNTS, json_rows(other))
         messages = [OutboxMessage(topic, n.customer_id, encode(n)) for n in book.notices]
         await flight.wait()
     except asyncpg.UniqueViolationError as exc:

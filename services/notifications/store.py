@@ -26,6 +26,7 @@ from services.notifications.contacts import (
 )
 from services.notifications.policy import ACTIVE, EVENT_HORIZON, Decision, PriorNotice
 from shared.crypto import DecryptionError, Vault
+from shared.db import json_rows
 
 # -- read model --------------------------------------------------------------------------------
 
@@ -442,15 +443,15 @@ INSERT INTO notifications (notification_id, trigger_id, customer_id, kind, perio
     channel, status, reason, locale, subject, body, params, fallbacks, timezone, cap_date,
     scheduled_for, due_at, trigger_occurred_at, decided_at, held_trigger)
 SELECT u.nid, u.tid, u.cid, u.kind, u.period, u.promo, u.channel, u.status, u.reason, u.locale,
-       u.subject, u.body, u.params::jsonb, u.fallbacks::text[], u.tz, u.cap_date, u.sched,
+       u.subject, u.body, u.params, u.fallbacks::text[], u.tz, u.cap_date, u.sched,
        CASE WHEN u.status IN ('pending', 'deferred') THEN COALESCE(u.due, u.sched) END,
        u.occurred, u.decided, u.held
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-            $14::text[], $15::text[], $16::date[], $17::timestamptz[], $18::timestamptz[],
-            $19::timestamptz[], $20::timestamptz[], $21::bytea[])
-     AS u(nid, tid, cid, kind, period, promo, channel, status, reason, locale, subject, body,
-          params, fallbacks, tz, cap_date, sched, occurred, decided, due, held)
+FROM (SELECT (e->>0)::uuid AS nid, e->>1 AS tid, e->>2 AS cid, e->>3 AS kind, e->>4 AS period,
+             (e->>5)::boolean AS promo, e->>6 AS channel, e->>7 AS status, e->>8 AS reason, e->>9 AS locale,
+             e->>10 AS subject, e->>11 AS body, e->12 AS params, e->>13 AS fallbacks, e->>14 AS tz,
+             (e->>15)::date AS cap_date, (e->>16)::timestamptz AS sched, (e->>17)::timestamptz AS occurred,
+             (e->>18)::timestamptz AS decided, (e->>19)::timestamptz AS due, decode(e->>20, 'hex') AS held
+      FROM jsonb_array_elements($1::text::jsonb) AS j(e)) AS u
 ON CONFLICT (notification_id) DO NOTHING
 RETURNING notification_id
 """
@@ -460,15 +461,13 @@ async def insert_decisions(conn: asyncpg.Connection, rows: Sequence[dict[str, An
     """Insert decided notifications; returns the ids actually inserted (new)."""
     if not rows:
         return set()
-    cols = ("notification_id", "trigger_id", "customer_id", "kind", "period", "promotional",
-            "channel", "status", "reason", "locale", "subject", "body")
-    args: list[list[Any]] = [[r[c] for r in rows] for c in cols]
-    args.append([orjson.dumps(dict(r.get("params") or {})).decode() for r in rows])
-    args.append([_pg_array(r.get("fallbacks") or ()) for r in rows])
-    for c in ("timezone", "cap_date", "scheduled_for", "trigger_occurred_at", "decided_at",
-              "due_at", "held_trigger"):
-        args.append([r.get(c) for r in rows])
-    inserted = await conn.fetch(_INSERT, *args)
+    inserted = await conn.fetch(_INSERT, json_rows([
+        (r["notification_id"], r["trigger_id"], r["customer_id"], r["kind"], r["period"], r["promotional"],
+         r["channel"], r["status"], r["reason"], r["locale"], r["subject"], r["body"],
+         dict(r.get("params") or {}), _pg_array(r.get("fallbacks") or ()), r.get("timezone"),
+         r.get("cap_date"), r.get("scheduled_for"), r.get("trigger_occurred_at"), r.get("decided_at"),
+         r.get("due_at"), None if (held := r.get("held_trigger")) is None else held.hex())
+        for r in rows]))
     return {str(r["notification_id"]) for r in inserted}
 
 

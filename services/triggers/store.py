@@ -16,6 +16,7 @@ import orjson
 from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointLot, Store
 from services.triggers.money import exponent
 from services.triggers.rules import RuleConfig, Trigger, replenishment_remind_at
+from shared.db import json_rows
 
 UTC = dt.UTC
 
@@ -142,20 +143,12 @@ INSERT INTO customer_facts (customer_id, birthday, birthday_month, birthday_day,
     profile_version, profile_at, last_event_at, first_seen_at, signed_up_at, first_purchase_at, last_purchase_at, orders_count,
     lifetime_spend, tier, tier_at, winback_due_at, winback_fired_for, birthday_fired_for, points_fired_for,
     updated_at)
-SELECT u.customer_id, u.birthday, u.bm, u.bd, u.locale, u.timezone, u.home_store_id, u.city, u.country,
-       u.lat, u.lon, u.tags::text[], u.consents::jsonb, u.channels::text[], u.preferred_channel,
-       u.profile_version, u.profile_at, u.last_event_at, u.first_seen_at, u.signed_up_at, u.first_purchase_at,
-       u.last_purchase_at, u.orders_count, u.lifetime_spend, u.tier, u.tier_at, u.winback_due_at,
-       u.winback_fired_for, u.birthday_fired_for, u.points_fired_for, now()
-FROM unnest($1::text[], $2::text[], $3::smallint[], $4::smallint[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::float8[], $11::float8[], $12::text[], $13::text[], $14::text[],
-            $15::text[], $16::bigint[], $17::timestamptz[], $18::timestamptz[], $19::timestamptz[],
-            $20::timestamptz[], $21::timestamptz[], $22::timestamptz[], $23::int[], $24::bigint[], $25::text[],
-            $26::timestamptz[], $27::timestamptz[], $28::timestamptz[], $29::int[], $30::text[])
-    AS u(customer_id, birthday, bm, bd, locale, timezone, home_store_id, city, country, lat, lon, tags,
-         consents, channels, preferred_channel, profile_version, profile_at, last_event_at, first_seen_at,
-         signed_up_at, first_purchase_at, last_purchase_at, orders_count, lifetime_spend, tier, tier_at,
-         winback_due_at, winback_fired_for, birthday_fired_for, points_fired_for)
+SELECT e->>0, e->>1, (e->>2)::smallint, (e->>3)::smallint, e->>4, e->>5, e->>6, e->>7, e->>8,
+       (e->>9)::float8, (e->>10)::float8, (e->>11)::text[], e->12, (e->>13)::text[], e->>14,
+       (e->>15)::bigint, (e->>16)::timestamptz, (e->>17)::timestamptz, (e->>18)::timestamptz,
+       (e->>19)::timestamptz, (e->>20)::timestamptz, (e->>21)::timestamptz, (e->>22)::int, (e->>23)::bigint,
+       e->>24, (e->>25)::timestamptz, (e->>26)::timestamptz, (e->>27)::timestamptz, (e->>28)::int, e->>29, now()
+FROM jsonb_array_elements($1::text::jsonb) AS u(e)
 ON CONFLICT (customer_id) DO UPDATE SET
     birthday = EXCLUDED.birthday, birthday_month = EXCLUDED.birthday_month,
     birthday_day = EXCLUDED.birthday_day, locale = EXCLUDED.locale, timezone = EXCLUDED.timezone,
@@ -184,30 +177,32 @@ ON CONFLICT (customer_id) DO UPDATE SET updated_at = now()
 # Rows that went, by key, and rows new or changed, per child table. One statement per part that has
 # rows (a single statement of them all costs PostgreSQL more to plan than the parts to run).
 _CHILDREN_GONE = {
-    table: f"DELETE FROM {table} t USING unnest($1::text[], $2::text[]) AS d(c, k) "
-           f"WHERE t.customer_id = d.c AND t.{key} = d.k"
+    table: f"DELETE FROM {table} t USING (SELECT e->>0 AS c, e->>1 AS k FROM jsonb_array_elements($1::text::jsonb) "
+           f"AS u(e)) d WHERE t.customer_id = d.c AND t.{key} = d.k"
     for table, key in (("carts", "cart_id"), ("category_facts", "category"), ("point_lots", "lot_id"))}
 _CHILDREN_PUT = {
     "carts": """
 INSERT INTO carts (customer_id, cart_id, last_activity_at, due_at, items, total, category, sku, status)
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[], $6::bigint[],
-                     $7::text[], $8::text[], $9::text[])
+SELECT e->>0, e->>1, (e->>2)::timestamptz, (e->>3)::timestamptz, (e->>4)::int, (e->>5)::bigint, e->>6, e->>7,
+       e->>8
+FROM jsonb_array_elements($1::text::jsonb) AS u(e)
 ON CONFLICT (customer_id, cart_id) DO UPDATE SET last_activity_at = EXCLUDED.last_activity_at,
     due_at = EXCLUDED.due_at, items = EXCLUDED.items, total = EXCLUDED.total, category = EXCLUDED.category,
     sku = EXCLUDED.sku, status = EXCLUDED.status
 """,
     "category_facts": """
 INSERT INTO category_facts (customer_id, category, purchases, quantity, last_at, remind_at, reminded_for)
-SELECT u.c, u.k, u.p::timestamptz[], u.q, u.l, u.r, u.rf
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[], $6::timestamptz[],
-            $7::timestamptz[]) AS u(c, k, p, q, l, r, rf)
+SELECT e->>0, e->>1, (e->>2)::timestamptz[], (e->>3)::bigint, (e->>4)::timestamptz, (e->>5)::timestamptz,
+       (e->>6)::timestamptz
+FROM jsonb_array_elements($1::text::jsonb) AS u(e)
 ON CONFLICT (customer_id, category) DO UPDATE SET purchases = EXCLUDED.purchases,
     quantity = EXCLUDED.quantity, last_at = EXCLUDED.last_at, remind_at = EXCLUDED.remind_at,
     reminded_for = EXCLUDED.reminded_for
 """,
     "point_lots": """
 INSERT INTO point_lots (customer_id, lot_id, points, expires_at, order_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[])
+SELECT e->>0, e->>1, (e->>2)::bigint, (e->>3)::timestamptz, e->>4
+FROM jsonb_array_elements($1::text::jsonb) AS u(e)
 ON CONFLICT (customer_id, lot_id) DO UPDATE SET points = EXCLUDED.points, expires_at = EXCLUDED.expires_at,
     order_id = EXCLUDED.order_id
 """}
@@ -317,23 +312,17 @@ async def save_facts(conn: asyncpg.Connection, facts: Sequence[CustomerFacts], c
         await conn.execute(_WIPE_CHILDREN, plan.wipe)
     parts: list[tuple[str, list]] = []  # the writes, one statement (see _together)
     if plan.rows:
-        cols = _columns(plan.rows)
-        cols[11] = [_text_array(v) for v in cols[11]]
-        cols[12] = [orjson.dumps(v).decode() if v else "{}" for v in cols[12]]
-        cols[13] = [_text_array(v) for v in cols[13]]
-        # A column of NULLs goes as an empty array: unnest pads the shorter arrays with NULLs (and
-        # asyncpg spends as much on encoding a NULL element as on a value).
-        parts.append((_UPSERT_FACTS, [c if any(v is not None for v in c) else [] for c in cols]))
+        parts.append((_UPSERT_FACTS, [json_rows(
+            [(*r[:11], _text_array(r[11]), r[12] or {}, _text_array(r[13]), *r[14:]) for r in plan.rows])]))
     if plan.touch:
         parts.append((_TOUCH_FACTS, [plan.touch]))
     for table in _CHILD_TABLES:
         if plan.gone[table]:
-            parts.append((_CHILDREN_GONE[table], _columns(plan.gone[table])))
-        if plan.put[table]:
-            cols = _columns(plan.put[table])
+            parts.append((_CHILDREN_GONE[table], [json_rows(plan.gone[table])]))
+        if rows := plan.put[table]:
             if table == "category_facts":
-                cols[2] = [_timestamp_array(p) for p in cols[2]]
-            parts.append((_CHILDREN_PUT[table], cols))
+                rows = [(c, k, _timestamp_array(p), *rest) for c, k, p, *rest in rows]
+            parts.append((_CHILDREN_PUT[table], [json_rows(rows)]))
     if parts:
         await conn.execute(_together(tuple(sql for sql, _ in parts)), *(a for _, args in parts for a in args))
 
@@ -359,11 +348,6 @@ def _together(statements: tuple[str, ...]) -> str:
 
 
 _PARAM = re.compile(r"\$(\d+)")
-
-
-def _columns(rows: Sequence[tuple]) -> list[list]:
-    """Rows (at least one) as columns, for unnest."""
-    return [list(c) for c in zip(*rows, strict=True)]
 
 
 async def delete_facts(conn: asyncpg.Connection, ids: Sequence[str], *, purchases: bool = True) -> None:
