@@ -41,7 +41,7 @@ from shared.kafka import ensure_topics, make_producer
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.rules import load_rules
-from shared.runtime import tune_gc
+from shared.runtime import BATCH_RECORDS, tune_gc
 from shared.topics import (
     DEAD_LETTER,
     EVENT,
@@ -153,11 +153,11 @@ async def run(env, n: int, customers: int) -> dict:
     lanes = consumer_lanes()  # as the service runs: one lane per partition of the 4
     producer = make_producer(env.bootstrap, "bench-identity")
     await producer.start()
-    relay = OutboxRelay(pool, producer, "identity", metrics, batch_size=5000)
+    relay = OutboxRelay(pool, producer, "identity", metrics)  # as the service runs it
     consumer = BatchConsumer(service="identity", bootstrap=env.bootstrap,
                              group_id=f"identity.bench.{uuid.uuid4().hex[:6]}",
                              topics=[Topic(topic, EVENT)], pool=pool, handler=handler, codec=codec,
-                             metrics=metrics, dlq_topic=topic + ".dlq", max_records=1000,
+                             metrics=metrics, dlq_topic=topic + ".dlq", max_records=BATCH_RECORDS,
                              decoder=event_decoder(codec),  # as services/identity/app.py wires it
                              on_committed=relay.wake, lanes=lanes)
     await consumer.start()

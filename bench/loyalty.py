@@ -41,7 +41,7 @@ from shared.kafka import ensure_topics, make_producer
 from shared.metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.rules import load_rules
-from shared.runtime import tune_gc
+from shared.runtime import BATCH_RECORDS, tune_gc
 from shared.topics import DEAD_LETTER, LOYALTY, RESOLVED, Topic
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "services" / "loyalty" / "migrations"
@@ -180,7 +180,7 @@ async def run(env, n: int, deadline_s: float) -> dict:
                              topics=[Topic(source, RESOLVED)], pool=pool, handler=handler,
                              codec=codec, metrics=metrics, dlq_topic=source + ".dlq",
                              decoder=resolved_decoder(codec),  # as services/loyalty/app.py wires it
-                             max_records=2000, on_committed=relay.wake, lanes=consumer_lanes())
+                             max_records=BATCH_RECORDS, on_committed=relay.wake, lanes=consumer_lanes())
     await _within("consumer start", 60, consumer.start())
     tasks = [asyncio.create_task(consumer.run(), name="consumer"),
              asyncio.create_task(relay.run(), name="relay")]
