@@ -215,7 +215,7 @@ _CHILD_TABLES = ("carts", "category_facts", "point_lots")
 
 
 def _text_array(values: Iterable[str | None]) -> str:
-    """A text[] literal (every element quoted), for text[] values inside unnest'ed rows."""
+    """A text[] literal (every element quoted), for text[] values inside the JSON rows of a batch write."""
     parts = ["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values]
     return "{" + ",".join(parts) + "}" if parts else "{}"
 
