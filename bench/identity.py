@@ -131,7 +131,7 @@ async def run(env, n: int, customers: int) -> dict:
         async with pool.acquire() as conn, conn.transaction():
             await handler(conn, records)
         async with pool.acquire() as conn:
-            await conn.execute("DELETE FROM outbox")
+            await conn.execute("DELETE FROM outbox_batches")
     seed_rate = customers / (time.perf_counter() - seed_started)
     async with pool.acquire() as conn:
         await conn.execute("VACUUM ANALYZE customers")

@@ -44,26 +44,46 @@ class OutboxMessage:
 EVENT_AT_HEADER = "omnicrm-event-at"  # epoch milliseconds, ASCII
 _NO_HEADERS: list[tuple[str, bytes]] = []  # aiokafka's builder wants a list; never appended to
 
-_COLUMNS = ["topic", "key", "value"]
-_COLUMNS_AT = ["topic", "key", "value", "event_at"]
+# The most records one outbox row holds: a relay round takes whole rows (see OutboxRelay).
+ROW_RECORDS = 10_000
+
+
+def _insert_rows(count: int) -> str:
+    values = ", ".join(f"(${i * 5 + 1}, ${i * 5 + 2}, ${i * 5 + 3}, ${i * 5 + 4}, ${i * 5 + 5})"
+                       for i in range(count))
+    return f"INSERT INTO outbox_batches (topic, n, keys, vals, event_ats) VALUES {values}"
+
+
+_INSERT_ROWS = [_insert_rows(count) for count in range(1, 5)]
 
 
 async def add_to_outbox(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) -> None:
-    """Write messages in the caller's transaction: one COPY for the whole batch.
+    """Write messages in the caller's transaction: one row per topic (arrays of keys, values and event
+    times, in the messages' order), one statement for the whole batch.
 
-    COPY rather than INSERT ... unnest: asyncpg checks every array element's type in Python. Measured
-    2026-12-07, 2000 messages per transaction: 6.4-7.4 against 9.3-10.3 ms, of which Python
-    0.8-1.0 against 3.1-3.3 ms; no slower for a single message.
+    Not a row per message: its insert, its mark as sent and its index entries cost the server ~17 us a
+    message against ~2 us (shared/migrations/003_outbox_batches.sql).
     """
     if not messages:
         return
-    keys = [m.key.encode() if m.key is not None else None for m in messages]
-    if any(m.at is not None for m in messages):
-        records = [(m.topic, k, m.value, m.at) for m, k in zip(messages, keys, strict=True)]
-        await conn.copy_records_to_table("outbox", records=records, columns=_COLUMNS_AT)
+    by_topic: dict[str, list[OutboxMessage]] = {}
+    for m in messages:
+        group = by_topic.get(m.topic)
+        if group is None:
+            group = by_topic[m.topic] = []
+        group.append(m)
+    args: list[Any] = []
+    for topic, group in by_topic.items():
+        for start in range(0, len(group), ROW_RECORDS):
+            part = group[start:start + ROW_RECORDS]
+            keys = [m.key.encode() if m.key is not None else None for m in part]
+            ats = [m.at for m in part] if any(m.at is not None for m in part) else None
+            args += (topic, len(part), keys, [m.value for m in part], ats)
+    rows = len(args) // 5
+    if rows <= len(_INSERT_ROWS):
+        await conn.execute(_INSERT_ROWS[rows - 1], *args)
     else:
-        records = [(m.topic, k, m.value) for m, k in zip(messages, keys, strict=True)]
-        await conn.copy_records_to_table("outbox", records=records, columns=_COLUMNS)
+        await conn.executemany(_INSERT_ROWS[0], [args[i:i + 5] for i in range(0, len(args), 5)])
 
 
 def event_at_header(at: dt.datetime | None) -> list[tuple[str, bytes]]:
@@ -91,16 +111,24 @@ _MILLISECOND = dt.timedelta(milliseconds=1)
 # retention keeps. Joined to unnest (as before) or by `id = ANY($1)` alone, plans made without
 # statistics hashed or scanned the whole outbox: 20 ms per 1000 rows at 50,000 kept rows and 50 ms at
 # 300,000, against 7 ms flat this way (measured 2026-12-07).
-MARK_SENT = "UPDATE outbox SET sent_at = now() WHERE sent_at IS NULL AND id = ANY($1::bigint[])"
+MARK_SENT = "UPDATE outbox_batches SET sent_at = now() WHERE sent_at IS NULL AND id = ANY($1::bigint[])"
+# The oldest unsent rows (their sizes), then the chosen ones' records: both through the index of
+# unsent rows, as MARK_SENT.
+_NEXT_ROWS = "SELECT id, n FROM outbox_batches WHERE sent_at IS NULL ORDER BY id LIMIT $1"
+READ_ROWS = """
+SELECT id, topic, keys, vals, event_ats FROM outbox_batches
+WHERE sent_at IS NULL AND id = ANY($1::bigint[]) ORDER BY id
+"""
 
 
 class OutboxRelay:
-    """Publishes unsent outbox rows in id order and marks them sent once the broker acknowledged.
+    """Publishes unsent outbox rows in id order (each row's records in their order) and marks them
+    sent once the broker acknowledged.
 
     One relay per schema publishes at a time (a transaction-scoped advisory lock), so records
     for one key keep their order even with several workers.
 
-    `batch_size` rows per round: the relay shares its worker's event loop, and each of a round's
+    `batch_size` records per round (whole rows, at least one): the relay shares its worker's event loop, and each of a round's
     awaits waits behind the consumer's lanes, so under load the rounds, not the rows, set its pace.
     With 2,000, a saturated loyalty worker's relay had published about half of what the worker wrote
     by the end of bench.loyalty (110,000-126,000 of ~239,000 loyalty events); with 10,000, all but a
@@ -120,6 +148,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self.healthy = True
         self.published = 0
+        self.more_waiting = False  # the last round left unsent rows behind
 
     def wake(self) -> None:
         """Tell the relay there is something new (after a commit)."""
@@ -131,7 +160,7 @@ class OutboxRelay:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sent = await self.publish_once()
+                await self.publish_once()
                 self.healthy = True
                 backoff = 0.1
                 if loop.time() > measure_at:
@@ -154,7 +183,7 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if sent < self.batch_size:
+            if not self.more_waiting:
                 self._wake.clear()
                 # Not wait_for: on Python 3.11 it swallows a cancel that arrives just as the
                 # event is set (a wake right before stop), and the relay then never stops.
@@ -163,40 +192,48 @@ class OutboxRelay:
                         await self._wake.wait()
 
     async def publish_once(self) -> int:
-        """Publish one batch of unsent rows; returns how many were published.
+        """Publish the oldest unsent rows, about `batch_size` records; returns how many records.
 
         Rows are marked sent in the same transaction, only after the broker acknowledged all of
         them; a failure anywhere rolls back and the rows go again (the same bytes, in id order).
         """
+        self.more_waiting = False
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
                 return 0
-            rows = await conn.fetch(
-                "SELECT id, topic, key, value, event_at FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
-                self.batch_size,
-            )
-            if not rows:
+            ids, records = [], 0
+            waiting = await conn.fetch(_NEXT_ROWS, self.batch_size)
+            for row_id, n in waiting:
+                if ids and records + n > self.batch_size:
+                    break
+                ids.append(row_id)
+                records += n
+            # rows left for the next round (or perhaps, when the look-ahead was full)
+            self.more_waiting = len(ids) < len(waiting) or len(waiting) == self.batch_size
+            if not ids:
                 return 0
+            rows = await conn.fetch(READ_ROWS, ids)
             if isinstance(self.producer, AIOKafkaProducer):
                 futures, counts = await self._send_batches(rows)
             else:  # anything with aiokafka's `send` (tests wrap the producer)
                 futures, counts = await self._send_each(rows)
             await asyncio.gather(*futures)
-            await conn.execute(MARK_SENT, [r[0] for r in rows])
+            await conn.execute(MARK_SENT, ids)
+        sent = sum(counts.values())
         if self.metrics is not None:
             for topic, n in counts.items():
                 self.metrics.events_produced.labels(topic=topic).inc(n)
-        self.published += len(rows)
-        return len(rows)
+        self.published += sent
+        return sent
 
     async def _send_batches(self, rows: list[asyncpg.Record]) -> tuple[list[Any], dict[str, int]]:
-        """One record batch per topic-partition instead of one `send` per row.
+        """One record batch per topic-partition instead of one `send` per record.
 
         `producer.send` costs ~10 us of Python per record (an await, a future, metadata look-ups
-        and aiokafka's pure-Python murmur2); here a row costs a partition look-up and an append
+        and aiokafka's pure-Python murmur2); here a record costs a partition look-up and an append
         to a builder. Partitions are chosen exactly as the producer's default partitioner would
         (murmur2 of the key; random for a null key), and batches of one partition are queued in
-        row order behind each other, so records of one key keep their order.
+        record order behind each other, so records of one key keep their order.
         """
         producer = self.producer
         custom = None if type(producer._partitioner) is DefaultPartitioner else producer._partitioner
@@ -204,30 +241,35 @@ class OutboxRelay:
         builders: dict[tuple[str, int], Any] = {}
         counts: dict[str, int] = {}
         futures: list[Any] = []
-        for _id, topic, key, value, at in rows:
+        for _id, topic, keys, values, ats in rows:
             layout = layouts.get(topic)
             if layout is None:
                 all_partitions = sorted(await producer.partitions_for(topic))
                 available = list(producer.client.cluster.available_partitions_for_topic(topic))
                 layout = layouts[topic] = (all_partitions, available)
                 counts[topic] = 0
-            if custom is not None:
-                partition = custom(key, *layout)
-            elif key is None:
-                partition = random.choice(layout[1] or layout[0])
-            else:
-                partition = layout[0][(murmur2(key) & 0x7FFFFFFF) % len(layout[0])]
-            tp = (topic, partition)
-            builder = builders.get(tp)
-            if builder is None:
-                builder = builders[tp] = producer.create_batch()
-            headers = event_at_header(at) if at is not None else _NO_HEADERS
-            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:  # full: ship, start the next
-                futures.append(await self._ship(builder, tp))
-                builder = builders[tp] = producer.create_batch()
+            partitions, width = layout[0], len(layout[0])
+            for i, key in enumerate(keys):
+                if custom is not None:
+                    partition = custom(key, *layout)
+                elif key is None:
+                    partition = random.choice(layout[1] or partitions)
+                else:
+                    partition = partitions[(murmur2(key) & 0x7FFFFFFF) % width]
+                tp = (topic, partition)
+                builder = builders.get(tp)
+                if builder is None:
+                    builder = builders[tp] = producer.create_batch()
+                value = values[i]
+                at = ats[i] if ats is not None else None
+                headers = event_at_header(at) if at is not None else _NO_HEADERS
                 if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    raise KafkaError(f"an outbox record for {topic} does not fit in a producer batch")
-            counts[topic] += 1
+                    # full: ship it, start the next
+                    futures.append(await self._ship(builder, tp))
+                    builder = builders[tp] = producer.create_batch()
+                    if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                        raise KafkaError(f"an outbox record for {topic} does not fit in a producer batch")
+            counts[topic] += len(keys)
         for tp, builder in builders.items():
             futures.append(await self._ship(builder, tp))
         return futures, counts
@@ -239,23 +281,25 @@ class OutboxRelay:
     async def _send_each(self, rows: list[asyncpg.Record]) -> tuple[list[Any], dict[str, int]]:
         counts: dict[str, int] = {}
         futures = []
-        for _id, topic, key, value, at in rows:
-            futures.append(await self.producer.send(topic, value=value, key=key,
-                                                    headers=event_at_header(at) or None))
-            counts[topic] = counts.get(topic, 0) + 1
+        for _id, topic, keys, values, ats in rows:
+            for i, key in enumerate(keys):
+                at = ats[i] if ats is not None else None
+                futures.append(await self.producer.send(topic, value=values[i], key=key,
+                                                        headers=event_at_header(at) or None))
+            counts[topic] = counts.get(topic, 0) + len(keys)
         return futures, counts
 
     async def _purge_and_measure(self, *, purge: bool = True) -> None:
         async with self.pool.acquire() as conn:
             if purge:
                 await conn.execute(
-                    "DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)",
+                    "DELETE FROM outbox_batches WHERE sent_at < now() - make_interval(secs => $1)",
                     float(self.retention_seconds),
                 )
             if self.metrics is not None:
                 row = await conn.fetchrow(
-                    "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) AS age "
-                    "FROM outbox WHERE sent_at IS NULL"
+                    "SELECT coalesce(sum(n), 0) AS n, extract(epoch FROM now() - min(created_at)) AS age "
+                    "FROM outbox_batches WHERE sent_at IS NULL"
                 )
                 self.metrics.outbox_backlog.set(row["n"])
                 self.metrics.outbox_oldest_age.set(float(row["age"] or 0.0))
@@ -294,5 +338,5 @@ def murmur2(data: bytes) -> int:
 
 
 async def outbox_backlog(conn: asyncpg.Connection) -> int:
-    """Unsent rows (tests and readiness use it)."""
-    return await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    """Unsent records (tests and readiness use it)."""
+    return await conn.fetchval("SELECT coalesce(sum(n), 0) FROM outbox_batches WHERE sent_at IS NULL")

@@ -17,6 +17,7 @@ from services.triggers.facts import Cart, CategoryHistory, CustomerFacts, PointL
 from services.triggers.money import exponent
 from services.triggers.rules import RuleConfig, Trigger, replenishment_remind_at
 from shared.db import json_rows
+from shared.outbox import ROW_RECORDS
 
 UTC = dt.UTC
 
@@ -573,11 +574,11 @@ ON CONFLICT (trigger_id) DO NOTHING RETURNING trigger_id
 # The same, and the new ones' values into the outbox (in the order given), in one statement.
 _RECORD_AND_SEND = f"""
 WITH ins AS ({_RECORD_FIRED}), sent AS (
-    INSERT INTO outbox (topic, key, value)
-    SELECT $10::text, convert_to(u.cid, 'UTF8'), u.value
+    INSERT INTO outbox_batches (topic, n, keys, vals)
+    SELECT $10::text, count(*), array_agg(convert_to(u.cid, 'UTF8') ORDER BY u.n), array_agg(u.value ORDER BY u.n)
     FROM unnest($1::uuid[], $3::text[], $11::bytea[]) WITH ORDINALITY AS u(trigger_id, cid, value, n)
     JOIN ins USING (trigger_id)
-    ORDER BY u.n
+    GROUP BY (u.n - 1) / {ROW_RECORDS} ORDER BY (u.n - 1) / {ROW_RECORDS}
 )
 SELECT trigger_id FROM ins
 """
@@ -994,7 +995,7 @@ GROUP BY customer_id HAVING NOT bool_or(ok)
 # Records the triggers Python encoded (scan_enc: rn, trigger_id, offer code, key, Avro value) and marks
 # their carts and categories (scan_due holds no rows of the customers judged again by then); those new
 # by trigger_id go to the outbox in scan order.
-_SCAN_FIRE = """
+_SCAN_FIRE = f"""
 WITH new AS MATERIALIZED (  -- not recorded before (a re-derivation after an unmerge may re-arm a trigger)
     SELECT d.rn, d.kind, d.customer_id, d.period, d.occurred_at, d.ctx_vals, d.offer_expires,
            e.trigger_id, e.code, e.key, e.value
@@ -1018,11 +1019,13 @@ WITH new AS MATERIALIZED (  -- not recorded before (a re-derivation after an unm
                    'code', n.code, 'description', $2::text, 'amount', $3::bigint, 'min_spend', $4::bigint,
                    'currency', $5::text, 'expires_at', triggers_iso_utc(n.offer_expires))
                -- all but the code the same in every win-back offer of a scan: the rest comes as JSON text
-               WHEN 'win_back' THEN ($6::text || ', "code": ' || to_json(n.code)::text || '}')::jsonb
+               WHEN 'win_back' THEN ($6::text || ', "code": ' || to_json(n.code)::text || '}}')::jsonb
            END
     FROM new n
 ), sent AS (
-    INSERT INTO outbox (topic, key, value) SELECT $7::text, n.key, n.value FROM new n ORDER BY n.rn
+    INSERT INTO outbox_batches (topic, n, keys, vals)  -- rows of ROW_RECORDS records, in order
+    SELECT $7::text, count(*), array_agg(n.key ORDER BY n.rn), array_agg(n.value ORDER BY n.rn)
+    FROM new n GROUP BY (n.rn - 1) / {ROW_RECORDS} ORDER BY (n.rn - 1) / {ROW_RECORDS}
 ), carts_marked AS (
     UPDATE carts k SET status = 'abandoned' FROM scan_due d
     WHERE d.kind = 'abandoned_cart' AND k.customer_id = d.customer_id AND k.cart_id = d.period

@@ -10,10 +10,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from shared.db import TRANSIENT_DB_ERRORS, create_pool, migrate, setup_database
+from shared.db import RUNTIME_MIGRATIONS, TRANSIENT_DB_ERRORS, create_pool, migrate, setup_database
 from shared.kafka import ensure_topics, make_producer
 from shared.outbox import (
     MARK_SENT,
+    READ_ROWS,
     OutboxMessage,
     OutboxRelay,
     add_to_outbox,
@@ -202,29 +203,33 @@ async def test_relay_outlives_unplanned_errors_and_terminated_backends(broker, d
 
 
 @pytest.mark.parametrize("mode", ["force_custom_plan", "force_generic_plan"])
-async def test_marking_rows_sent_reads_only_unsent_rows_whatever_the_outbox_holds(database, unique, mode):
-    """The relay marks its batch through the small index of unsent rows, not by reading the sent rows
-    the retention keeps (an hour of them), with or without statistics, in custom and cached plans."""
+async def test_the_relay_reads_and_marks_only_unsent_rows_whatever_the_outbox_holds(database, unique, mode):
+    """The relay reads and marks its rows through the small index of unsent rows, not by reading the sent
+    rows the retention keeps (an hour of them), with or without statistics, in custom and cached plans."""
     pool = await setup_database(database, f"ob_plan_{unique}", None)
+    one_row = "SELECT 't', 1, '{{NULL}}'::bytea[], '{{v}}'::bytea[]{sent} FROM generate_series(1, {n})"
     try:
         async with pool.acquire() as conn, conn.transaction():
             # a young outbox: prepared (and, for the generic plan, planned) while it is small
-            await conn.execute("INSERT INTO outbox (topic, value) SELECT 't', 'v' FROM generate_series(1, 20)")
+            await conn.execute("INSERT INTO outbox_batches (topic, n, keys, vals) " + one_row.format(sent="", n=20))
             await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
             await conn.execute(f"PREPARE mark_{unique}(bigint[]) AS {MARK_SENT}")
+            await conn.execute(f"PREPARE read_{unique}(bigint[]) AS {READ_ROWS}")
+            await conn.execute(f"EXECUTE read_{unique}('{{1,2,3}}')")
             await conn.execute(f"EXECUTE mark_{unique}('{{1,2,3}}')")
             # then it keeps 20,000 sent rows, no ANALYZE, and 500 wait
-            await conn.execute("INSERT INTO outbox (topic, value, sent_at) SELECT 't', 'v', now() "
-                               "FROM generate_series(1, 20000)")
-            await conn.execute("INSERT INTO outbox (topic, value) SELECT 't', 'v' FROM generate_series(1, 500)")
-            unsent = [r[0] for r in await conn.fetch("SELECT id FROM outbox WHERE sent_at IS NULL ORDER BY id")]
+            await conn.execute("INSERT INTO outbox_batches (topic, n, keys, vals, sent_at) "
+                               + one_row.format(sent=", now()", n=20_000))
+            await conn.execute("INSERT INTO outbox_batches (topic, n, keys, vals) " + one_row.format(sent="", n=500))
+            unsent = [r[0] for r in await conn.fetch("SELECT id FROM outbox_batches WHERE sent_at IS NULL ORDER BY id")]
             batch = unsent[:300]
             ids = ",".join(map(str, batch))
-            plan = "\n".join(r[0] for r in await conn.fetch(
-                f"EXPLAIN (ANALYZE, COSTS false) EXECUTE mark_{unique}('{{{ids}}}')"))
-            assert "Seq Scan on outbox" not in plan and "outbox_unsent" in plan, plan
+            for statement in (f"read_{unique}", f"mark_{unique}"):
+                plan = "\n".join(r[0] for r in await conn.fetch(
+                    f"EXPLAIN (ANALYZE, COSTS false) EXECUTE {statement}('{{{ids}}}')"))
+                assert "Seq Scan on outbox" not in plan and "outbox_batches_unsent" in plan, plan
             # exactly the batch was marked: the rest still waits
-            assert [r[0] for r in await conn.fetch("SELECT id FROM outbox WHERE sent_at IS NULL ORDER BY id")] \
+            assert [r[0] for r in await conn.fetch("SELECT id FROM outbox_batches WHERE sent_at IS NULL ORDER BY id")] \
                 == unsent[300:]
     finally:
         await pool.close()
@@ -236,11 +241,105 @@ async def test_the_purge_drops_only_rows_sent_longer_ago_than_the_retention(data
         relay = OutboxRelay(pool, producer=None, schema=f"ob_purge_{unique}", retention_seconds=3600)
         async with pool.acquire() as conn:
             await conn.execute("""
-                INSERT INTO outbox (topic, value, sent_at) VALUES ('t', 'old', now() - interval '2 hours'),
-                    ('t', 'recent', now() - interval '10 minutes'), ('t', 'waiting', NULL)""")
+                INSERT INTO outbox_batches (topic, n, keys, vals, sent_at) VALUES
+                    ('t', 1, '{NULL}', '{old}', now() - interval '2 hours'),
+                    ('t', 1, '{NULL}', '{recent}', now() - interval '10 minutes'),
+                    ('t', 2, '{NULL,NULL}', '{waiting,"waiting too"}', NULL)""")
             await relay._purge_and_measure(purge=False)  # the metrics alone: nothing goes
-            assert await conn.fetchval("SELECT count(*) FROM outbox") == 3
+            assert await conn.fetchval("SELECT count(*) FROM outbox") == 4
             await relay._purge_and_measure()
-            assert sorted(r[0] for r in await conn.fetch("SELECT value FROM outbox")) == [b"recent", b"waiting"]
+            assert sorted(r[0] for r in await conn.fetch("SELECT value FROM outbox")) == \
+                [b"recent", b"waiting", b"waiting too"]
+            assert await outbox_backlog(conn) == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_transaction_s_records_are_one_row_per_topic_read_back_one_by_one_in_order(database, unique):
+    pool = await setup_database(database, f"ob_rows_{unique}", None)
+    try:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await add_to_outbox(conn, [OutboxMessage("a", f"k{i}", f"a{i}".encode()) if i % 2 else
+                                           OutboxMessage("b", None, f"b{i}".encode()) for i in range(6)])
+            async with conn.transaction():  # a tombstone with its event time, and an unkeyed record
+                await add_to_outbox(conn, [OutboxMessage("a", "k1", None, at=MERGED_AT),
+                                           OutboxMessage("a", None, b"a6")])
+            rows = await conn.fetch("SELECT topic, n FROM outbox_batches ORDER BY id")
+            assert [tuple(r) for r in rows] == [("b", 3), ("a", 3), ("a", 2)]
+            records = await conn.fetch("SELECT topic, key, value, event_at, sent_at FROM outbox ORDER BY id")
+        assert [tuple(r) for r in records] == [
+            ("b", None, b"b0", None, None), ("b", None, b"b2", None, None), ("b", None, b"b4", None, None),
+            ("a", b"k1", b"a1", None, None), ("a", b"k3", b"a3", None, None), ("a", b"k5", b"a5", None, None),
+            ("a", b"k1", None, MERGED_AT, None), ("a", None, b"a6", None, None)]
+    finally:
+        await pool.close()
+
+
+class _Recorder:
+    """A producer that keeps what it is asked to send (the relay's rounds, not the broker, are tested)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None]] = []
+
+    async def send(self, topic, value=None, key=None, headers=None):
+        self.sent.append((topic, key, value))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_a_relay_round_takes_whole_rows_up_to_its_budget_and_goes_on_at_once_while_rows_wait(
+        database, unique):
+    schema = f"ob_budget_{unique}"
+    pool = await setup_database(database, schema, None)
+    try:
+        async with pool.acquire() as conn:
+            for size in (3, 3, 5, 1):
+                async with conn.transaction():
+                    await add_to_outbox(conn, [OutboxMessage("t", "k", f"{size}-{i}".encode()) for i in range(size)])
+        producer = _Recorder()
+        relay = OutboxRelay(pool, producer, schema, batch_size=4)
+        rounds = []
+        while (n := await relay.publish_once()):
+            rounds.append((n, relay.more_waiting))
+        # 3 (the next row would pass 4), 3, then the row of 5 alone (larger than the budget), then 1
+        assert rounds == [(3, True), (3, True), (5, True), (1, False)]
+        assert [v for _, _, v in producer.sent] == [f"{size}-{i}".encode() for size in (3, 3, 5, 1)
+                                                    for i in range(size)]
+        async with pool.acquire() as conn:
+            assert await outbox_backlog(conn) == 0
+            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL") == 12
+    finally:
+        await pool.close()
+
+
+async def test_records_of_the_per_record_outbox_move_into_rows_in_order_when_it_is_migrated(
+        database, unique, tmp_path):
+    """An outbox written before 003_outbox_batches.sql: its unsent records still go, in order, once."""
+    old = tmp_path / "shared" / "migrations"
+    old.mkdir(parents=True)
+    for name in ("001_runtime.sql", "002_outbox_event_time.sql"):
+        (old / name).write_text((RUNTIME_MIGRATIONS / name).read_text())
+    schema = f"ob_mig_{unique}"
+    pool = await create_pool(database, schema)
+    try:
+        await migrate(pool, schema, [old])
+        async with pool.acquire() as conn:
+            await conn.execute("""
+                INSERT INTO outbox (topic, key, value, event_at, sent_at) VALUES
+                    ('a', 'k1', 'sent', NULL, now()), ('a', 'k1', 'a1', NULL, NULL), ('b', NULL, 'b1', NULL, NULL),
+                    ('a', 'k2', NULL, '2026-09-03 14:05:07.123+00', NULL), ('b', 'k3', 'b2', NULL, NULL)""")
+        assert await migrate(pool, schema, [RUNTIME_MIGRATIONS]) == ["shared/003_outbox_batches.sql"]
+        async with pool.acquire() as conn:
+            assert await outbox_backlog(conn) == 4
+            records = await conn.fetch("SELECT topic, key, value, event_at, sent_at IS NOT NULL FROM outbox ORDER BY id")
+        assert [tuple(r) for r in records] == [
+            ("a", b"k1", b"sent", None, True),
+            ("a", b"k1", b"a1", None, False), ("a", b"k2", None, MERGED_AT, False),
+            ("b", None, b"b1", None, False), ("b", b"k3", b"b2", None, False)]
+        producer = _Recorder()
+        assert await OutboxRelay(pool, producer, schema).publish_once() == 4
+        assert producer.sent == [("a", b"k1", b"a1"), ("a", b"k2", None), ("b", None, b"b1"), ("b", b"k3", b"b2")]
     finally:
         await pool.close()

@@ -60,11 +60,11 @@ def use_vault(identity: Identity, v: Vault) -> None:
 
 
 async def dump_tables(pool) -> str:
-    """Every row of every identity table except the outbox (the topic payload staging area) as
+    """Every row of every identity table except the outbox's (the topic payload staging area) as
     text; bytea columns render as hex, so their UTF-8 decoding is added too."""
     tables = [r["table_name"] for r in await pool.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
-        "AND table_type = 'BASE TABLE' AND table_name <> 'outbox'")]
+        "AND table_type = 'BASE TABLE' AND table_name <> 'outbox_batches'")]
     parts = []
     for t in tables:
         for row in await pool.fetch(f'SELECT * FROM "{t}"'):  # noqa: S608 - names from the catalog

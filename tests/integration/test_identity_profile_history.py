@@ -1,6 +1,7 @@
 """Identity publishes a customer's profile per changing event, on real PostgreSQL: the same events
-cut into batches anywhere give byte-identical outbox records (resolved events, merges, profiles
-with their versions and updated_at) and the same stored customers. This is what lets a replay
+cut into batches anywhere give byte-identical outbox records, topic by topic (resolved events,
+merges, profiles with their versions and updated_at; Kafka orders records within a partition, never
+across topics), and the same stored customers. This is what lets a replay
 under OMNICRM_CLOCK=event hand notifications the same profile history whatever the fetches did."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ RULES = load_rules(environ={})["identity"]
 T0 = dt.datetime(2026, 11, 22, 2, 15, tzinfo=dt.UTC)
 SALE = {"order_id": "o-1", "currency": "USD", "total": 12990, "lines": []}
 TABLES = ("customers", "identifiers", "merges", "quarantined_identifiers", "sightings",
-          "processed_events", "erasures", "outbox")
+          "processed_events", "erasures", "outbox_batches")
 
 
 def event(event_id: str, kind: str, seconds: int, props: dict | None = None, **customer: str) -> dict:
@@ -99,7 +100,7 @@ async def run(pool, cuts: set[int]) -> tuple[list, list]:
         async with pool.acquire() as conn, conn.transaction():
             await h(conn, [record(e, offset + i) for i, e in enumerate(batch)])
         offset += len(batch)
-    out = await pool.fetch("SELECT topic, key, value FROM outbox ORDER BY id")
+    out = await pool.fetch("SELECT topic, key, value FROM outbox ORDER BY topic, id")
     customers = await pool.fetch(
         "SELECT customer_id, created_at, updated_at, merged_into, erased, version, own, golden, "
         "members, blocked, quarantined FROM customers ORDER BY customer_id")
@@ -161,15 +162,17 @@ def test_one_profile_record_per_changing_event_as_of_that_event(database: str, s
     assert rows[ann]["version"] == 6 and rows[ann]["updated_at"] == at[4]
     assert rows[ann]["created_at"] == T0 - dt.timedelta(seconds=30)
     assert rows[bob]["version"] == 3 and rows[cy]["version"] == 3 and rows[cy]["erased"]
-    # The merge event's records: resolved, merge, then the tombstone and the survivor's profile.
-    h08 = next(n for n, (t, _, v) in enumerate(outbox)
-               if t == "identity.events.v1" and CODEC.decode(v)["event"]["event_id"] == "h-08")
-    seq = outbox[h08:h08 + 4]
-    assert [(t, k.decode()) for t, k, _ in seq[:2]] == [("identity.events.v1", ann),
-                                                         ("identity.merges.v1", ann)]
-    assert [(t, k.decode()) for t, k, _ in seq[2:]] == [("identity.profiles.v1", k)
-                                                        for k in sorted((ann, bob))]
-    assert {k.decode(): v is None for _, k, v in seq[2:]} == {ann: False, bob: True}
+    # The merge event's records: resolved and merge keyed by the survivor, and in the profiles the
+    # tombstone and the survivor's profile next to each other (in key order).
+    events = [(k.decode(), CODEC.decode(v)) for t, k, v in outbox if t == "identity.events.v1"]
+    assert [k for k, v in events if v["event"]["event_id"] == "h-08"] == [ann]
+    merges = [(k.decode(), CODEC.decode(v)) for t, k, v in outbox if t == "identity.merges.v1"]
+    assert [k for k, v in merges if v["cause_event_id"] == "h-08"] == [ann]
+    stream = profiles(outbox)
+    gone = stream.index((bob, None))
+    pair = stream[gone:gone + 2] if bob < ann else stream[gone - 1:gone + 1]
+    assert [k for k, _ in pair] == sorted((ann, bob))
+    assert {k: v is None for k, v in pair} == {ann: False, bob: True}
     # The shared phone was quarantined on its owner, which published that change at that event.
     noted = [(v["version"], v["updated_at"]) for k, v in profiles(outbox)
              if k == customer_id_for("h-10") and v and v["quarantined"]]

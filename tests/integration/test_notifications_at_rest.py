@@ -137,7 +137,7 @@ async def clear_contact_data(db) -> list[str]:
     tables = [r["table_name"] for r in await db.fetch(
         "SELECT table_name FROM information_schema.tables "
         "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'")]
-    assert {"contacts", "notifications", "erasures", "outbox"} <= set(tables)
+    assert {"contacts", "notifications", "erasures", "outbox_batches"} <= set(tables)
     for table in tables:
         for row in await db.fetch(f'SELECT * FROM "{table}"'):
             for column, value in row.items():
