@@ -50,8 +50,10 @@ pytestmark = pytest.mark.asyncio
 CODEC = AvroCodec(SchemaRegistry.load())
 MIGRATIONS = ROOT / "services" / "identity" / "migrations"
 T0 = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
-PEOPLE = 1500
-EVENTS_PER_PERSON = 4          # 6000 events
+# 18,000 events: 12,000 wait when the worker starts, more than one round of its lanes applies at once
+# (4 lanes x 2000 records), so each kill lands with events produced and not yet processed.
+PEOPLE = 4500
+EVENTS_PER_PERSON = 4
 CHUNK = 500                    # events produced per step while the service works
 SALE = {"order_id": "o-1", "currency": "USD", "total": 4990, "lines": []}
 # One event type per topic: a person's events all go to one topic, so one partition, in order.
