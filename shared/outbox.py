@@ -105,6 +105,7 @@ def event_at_of(headers: Sequence[tuple[str, bytes]] | None) -> dt.datetime | No
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MILLISECOND = dt.timedelta(milliseconds=1)
+_RETRYABLE = (KafkaError, *TRANSIENT_DB_ERRORS)  # the relay retries these quietly
 
 
 # Rows found through the partial index of unsent rows, which stays small however many sent rows the
@@ -172,7 +173,7 @@ class OutboxRelay:
                     measure_at = loop.time() + 5.0
                     if purge:
                         purge_at = loop.time() + 60.0
-            except (KafkaError, *TRANSIENT_DB_ERRORS) as exc:
+            except _RETRYABLE as exc:
                 self.healthy = False
                 log.warning("outbox relay retrying after %s", type(exc).__name__)
                 await asyncio.sleep(backoff)
