@@ -45,9 +45,19 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+def _jsonb_out(value: Any) -> bytes:
+    return b"\x01" + orjson.dumps(value)
+
+
+def _jsonb_in(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=lambda v: orjson.dumps(v).decode(),
-                              decoder=orjson.loads, schema="pg_catalog")
+    # jsonb in its binary form (a version byte, 1, and the JSON text): what binary COPY requires, and
+    # no text decoding on either side.
+    await conn.set_type_codec("jsonb", encoder=_jsonb_out, decoder=_jsonb_in, schema="pg_catalog",
+                              format="binary")
     await conn.set_type_codec("json", encoder=lambda v: orjson.dumps(v).decode(),
                               decoder=orjson.loads, schema="pg_catalog")
 
