@@ -63,7 +63,6 @@ class CompiledFinder(importlib.abc.MetaPathFinder):
         self.manifest = manifest
         self.root = root
         self.build = build
-        self.loaded: list[str] = []
 
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001 - importlib's protocol
         entry = self.manifest.get(fullname)
@@ -75,7 +74,6 @@ class CompiledFinder(importlib.abc.MetaPathFinder):
                 return None
         except OSError:
             return None
-        self.loaded.append(fullname)
         loader = importlib.machinery.ExtensionFileLoader(fullname, str(so))
         return importlib.util.spec_from_file_location(fullname, so, loader=loader)
 
