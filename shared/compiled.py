@@ -126,9 +126,11 @@ def _build_one(job: tuple[str, Path, Path]) -> tuple[str, dict[str, str] | None,
         cmd = dist.get_command_obj("build_ext")
         cmd.build_lib = str(build)
         cmd.build_temp = str(build / "tmp" / module)
+        cmd.force = True  # the source changed: never judge the old extension up to date by file times
         cmd.ensure_finalized()
-        cmd.run()
         so = Path(cmd.get_ext_fullpath(module))
+        so.unlink(missing_ok=True)
+        cmd.run()
     except (Exception, SystemExit) as exc:  # setuptools raises SystemExit on a compiler error
         return module, None, f"{type(exc).__name__}: {exc}"
     finally:
