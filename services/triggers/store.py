@@ -448,7 +448,7 @@ async def insert_events_and_aliases(
 async def group_of(conn: asyncpg.Connection, head: str) -> list[str]:
     """`head` and every customer merged into it, directly or through others."""
     rows = await conn.fetch(
-        "WITH RECURSIVE g(id) AS (SELECT $1::text UNION "
+        "WITH RECURSIVE g(id) AS (SELECT $1::text COLLATE \"C\" UNION "
         "SELECT m.merged FROM merged_into m JOIN g ON m.survivor = g.id) SELECT id FROM g", head)
     return sorted(r["id"] for r in rows)
 
