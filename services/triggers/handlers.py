@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 import zoneinfo
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -119,6 +119,20 @@ def _attach_home_store(facts: CustomerFacts, stores: dict[str, Store]) -> None:
         facts.home_store_tz, facts.home_store_lat, facts.home_store_lon = home.timezone, home.lat, home.lon
 
 
+def _live(cid: str, facts: dict[str, CustomerFacts | None], loaded: Mapping[str, CustomerFacts],
+          touched: set[str], deleted: set[str]) -> CustomerFacts:
+    """The facts of `cid` a batch changes: new, or gone earlier in the batch (its rows may still be
+    there), or as loaded. (Not a closure inside __call__: compiled, a coroutine keeps every local in
+    one scope object, which a nested function refers back to: the cycle kept each batch's records
+    and facts until the collector's rare full pass; see tests/integration/test_no_cycles.py.)"""
+    f = facts.get(cid)
+    if f is None:
+        f = facts[cid] = CustomerFacts(cid, stored=None if cid in loaded else store.ABSENT)
+    touched.add(cid)
+    deleted.discard(cid)
+    return f
+
+
 class TriggersHandler:
     """The batch handler, the time-based scan and campaigns, over one connection at a time."""
 
@@ -199,14 +213,6 @@ class TriggersHandler:
         triggers: list[Trigger] = []
         merges: list[dict[str, Any]] = []
 
-        def live(cid: str) -> CustomerFacts:
-            f = facts.get(cid)
-            if f is None:  # new, or gone earlier in this batch (its rows may still be there)
-                f = facts[cid] = CustomerFacts(cid, stored=None if cid in loaded else store.ABSENT)
-            touched.add(cid)
-            deleted.discard(cid)
-            return f
-
         for i, r in enumerate(records):
             v = r.value
             now = now_of[i]
@@ -219,7 +225,7 @@ class TriggersHandler:
                     touched.discard(cid)
                     deleted.add(cid)
                     continue
-                f = live(cid)
+                f = _live(cid, facts, loaded, touched, deleted)
                 late = f.last_event_at
                 apply_profile(f, v)
                 _attach_home_store(f, stores)
@@ -235,7 +241,7 @@ class TriggersHandler:
                     touched.discard(cid)
                     erased.setdefault(cid, now)
                     continue
-                f = live(cid)
+                f = _live(cid, facts, loaded, touched, deleted)
                 # Whatever fell due before this event happened is decided before it is folded.
                 triggers += self._due(f, ev["occurred_at"], now)
                 shop = stores.get(ev.get("store_id") or "")
@@ -250,7 +256,7 @@ class TriggersHandler:
                 if key not in new:
                     continue
                 new.discard(key)
-                f = live(alias.get(v["customer_id"], v["customer_id"]))
+                f = _live(alias.get(v["customer_id"], v["customer_id"]), facts, loaded, touched, deleted)
                 late = f.last_event_at
                 apply_loyalty(f, v)
                 triggers += self._retro(f, late, v["occurred_at"], now, R.points_expiring)
@@ -420,6 +426,31 @@ class TriggersHandler:
         return new
 
     # -- time-based scan -------------------------------------------------------------------------
+    async def _scan_work(self, c: asyncpg.Connection, parts: Iterator[list[str]], now: dt.datetime,
+                         zones: tuple[list[str], str] | None, dense: bool) -> int:
+        """One connection's share of a scan: chunks from `parts` (shared by the connections, each
+        chunk to whichever is free first) until none is left; how many fired. (A method, not a
+        closure in scan: compiled, that closure and the coroutine's scope kept each other, and the
+        scan's candidates with them, until the collector's rare full pass.)"""
+        fired = 0
+        for part in parts:
+            done = None
+            if zones is not None:
+                try:
+                    async with c.transaction():
+                        done = await self._scan_sql(c, part, now, zones, dense=dense)
+                except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
+                    # With a batch locking the same customers, or a trigger recorded meanwhile
+                    # (store._SCAN_FIRE): rolled back, judged again.
+                    done = None
+            if done is None:  # event clock, or rolled back above: the Python rules, under row locks
+                done = 0
+                for sub in _chunks(part, 5000):
+                    async with c.transaction():
+                        done += await self._scan_rules(c, sub, now)
+            fired += done
+        return fired
+
     async def scan(self, conn: asyncpg.Connection, now: dt.datetime, *,
                    since: dt.datetime | None = None, chunk: int = 100_000, pool: asyncpg.Pool | None = None,
                    connections: int = 2) -> int:
@@ -453,26 +484,6 @@ class TriggersHandler:
             # Candidates one in twenty customers or more: a chunk's children are read by key range.
             dense = zones is not None and len(ids) * 20 >= await store.customers_estimate(conn)
 
-            async def work(c: asyncpg.Connection) -> int:
-                fired = 0
-                for part in parts:  # shared: each chunk goes to whichever connection is free first
-                    done = None
-                    if zones is not None:
-                        try:
-                            async with c.transaction():
-                                done = await self._scan_sql(c, part, now, zones, dense=dense)
-                        except (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError):
-                            # With a batch locking the same customers, or a trigger recorded meanwhile
-                            # (store._SCAN_FIRE): rolled back, judged again.
-                            done = None
-                    if done is None:  # event clock, or rolled back above: the Python rules, under row locks
-                        done = 0
-                        for sub in _chunks(part, 5000):
-                            async with c.transaction():
-                                done += await self._scan_rules(c, sub, now)
-                    fired += done
-                return fired
-
             # The chunks keep their rows and encoded triggers (a few hundred thousand objects) alive at
             # once, which the cyclic collector would traverse again and again (a fifth of a large scan's
             # Python CPU): reference counting frees all of it, and the collector pauses while they run.
@@ -480,7 +491,8 @@ class TriggersHandler:
             if paused:
                 gc.disable()
             # All run to their end before the spare connections go back, even when one fails.
-            results = await asyncio.gather(*(work(c) for c in (conn, *others)), return_exceptions=True)
+            results = await asyncio.gather(*(self._scan_work(c, parts, now, zones, dense) for c in (conn, *others)),
+                                           return_exceptions=True)
             for r in results:
                 if isinstance(r, BaseException):
                     raise r

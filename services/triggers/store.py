@@ -710,36 +710,40 @@ WHERE f.points_fired_for IS NULL OR f.points_fired_for < to_char(l.last + interv
 """
 
 
+def _lower(kind: str, as_of: dt.datetime, cfg: RuleConfig, since: dt.datetime | None) -> dt.datetime:
+    """The earliest time a `kind` trigger due by `as_of` may have fallen due and still fire."""
+    bound = as_of - cfg.lateness(kind)
+    return min(bound, since) if since is not None else bound
+
+
+async def _fetch_ids(c: asyncpg.Connection, sql: str, *args: Any) -> list[str]:
+    async with c.transaction():
+        # No JIT (it spent a quarter of a second compiling this); memory to deduplicate in one pass.
+        await c.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
+        return await c.fetchval(sql, *args)
+
+
 async def scan_candidates(conn: asyncpg.Connection, as_of: dt.datetime, cfg: RuleConfig,
                           since: dt.datetime | None = None, other: asyncpg.Connection | None = None) -> list[str]:
     """Customers for whom a time-based trigger may be due at `as_of` (the rules decide), sorted.
 
-    With `other`, a second connection, the two halves of the query run at once."""
-
-    def lower(kind: str) -> dt.datetime:
-        bound = as_of - cfg.lateness(kind)
-        return min(bound, since) if since is not None else bound
-
+    With `other`, a second connection, the two halves of the query run at once. (No closures here:
+    compiled, a coroutine's scope and a closure in it keep each other, and the candidates with them,
+    until the collector's rare full pass.)"""
     # Wall clock (no `since`), a birthday fires only while its window is open at `as_of`: the birthdays
     # whose windows closed within the lateness are no candidates (without this, every scan re-read them).
-    birthdays_from = lower("birthday_coupon") if since is not None else as_of
+    birthdays_from = _lower("birthday_coupon", as_of, cfg, since) if since is not None else as_of
     months, days = birthday_window(as_of, birthdays_from, cfg.birthday_days_before)
     year = as_of.astimezone(UTC).year
     december = as_of.astimezone(UTC).month == 12
-
-    async def run(c: asyncpg.Connection, sql: str, *args: Any) -> list[str]:
-        async with c.transaction():
-            # No JIT (it spent a quarter of a second compiling this); memory to deduplicate in one pass.
-            await c.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
-            return await c.fetchval(sql, *args)
-
-    on_facts = (_FACTS_CANDIDATES, months, days, year, december, as_of, lower("win_back"))
-    on_children = (_CHILD_CANDIDATES, as_of, lower("abandoned_cart"), lower("replenishment"),
+    on_facts = (_FACTS_CANDIDATES, months, days, year, december, as_of, _lower("win_back", as_of, cfg, since))
+    on_children = (_CHILD_CANDIDATES, as_of, _lower("abandoned_cart", as_of, cfg, since),
+                   _lower("replenishment", as_of, cfg, since),
                    as_of + dt.timedelta(days=cfg.points_days_before), min(as_of, since) if since is not None else as_of)
     if other is None:
-        halves = [await run(conn, *on_facts), await run(conn, *on_children)]
+        halves = [await _fetch_ids(conn, *on_facts), await _fetch_ids(conn, *on_children)]
     else:
-        halves = await asyncio.gather(run(conn, *on_facts), run(other, *on_children))
+        halves = await asyncio.gather(_fetch_ids(conn, *on_facts), _fetch_ids(other, *on_children))
     return _merged(*halves)
 
 

@@ -26,6 +26,7 @@ from shared.http import create_app
 from shared.metrics import ServiceMetrics
 from shared.rules import load_rules
 from shared.topics import EVENT, ROUTES
+from tests.support.cycles import cyclic_garbage
 
 pytestmark = pytest.mark.asyncio
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "identity" / "migrations"
@@ -332,3 +333,25 @@ async def test_resolved_value_reuses_the_event_body_byte_for_byte(identity: Iden
     assert fast == slow
     assert identity.handler.resolved_bytes("c-1", (), item) == CODEC.encode(
         RESOLVED, {"customer_id": "c-1", "identifiers": [], "event": for_encoding(rec.value)})
+
+
+async def test_batches_are_freed_without_the_cyclic_collector(identity: Identity) -> None:
+    """Everything a batch builds, merges included, is freed by reference counting as it ends,
+    compiled or not: none of it waits for the collector, which the service runs rarely
+    (tests/support/cycles.py)."""
+    def batch(n: int) -> list[dict]:
+        out = []
+        for i in range(20):
+            email, phone = f"gc{n}.{i}@example.com", f"+1212555{n:01d}{i:03d}"
+            out += [event(f"gc-{n}-{i}-a", "sale", i, None, {**SALE, "order_id": f"gc-o{n}-{i}"}, email=email),
+                    event(f"gc-{n}-{i}-b", "page_view", i, None, {"url": "/x"}, phone=phone),
+                    event(f"gc-{n}-{i}-c", "signup", i, None, {"first_name": None, "tags": []},
+                          email=email, phone=phone)]  # the two become one: a merge
+        return out
+
+    await identity.apply(*batch(0))  # statements prepared, caches filled
+    with cyclic_garbage() as left:
+        for n in (1, 2, 3):
+            await identity.apply(*batch(n))
+    assert len(await identity.outbox("identity.merges.v1")) == 80
+    assert sum(left.values()) == 0, left.most_common(8)

@@ -30,6 +30,7 @@ from shared.http import create_app
 from shared.metrics import ServiceMetrics
 from shared.rules import load_rules
 from shared.topics import IDENTITY_EVENTS, IDENTITY_MERGES, LOYALTY, MERGE, RESOLVED
+from tests.support.cycles import cyclic_garbage
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -502,3 +503,25 @@ async def test_a_reused_event_id_is_dead_lettered_by_the_worker_and_the_partitio
             "SELECT sum(points) FROM ledger WHERE customer_id = $1", gina) == 100 + 30
     finally:
         await pool.close()
+
+
+async def test_batches_are_freed_without_the_cyclic_collector(loyalty):
+    """Everything a batch builds (sales, redemptions, returns, a merge) is freed by reference
+    counting as it ends, compiled or not: none of it waits for the collector, which the service runs
+    rarely (tests/support/cycles.py)."""
+    def batch(n: int) -> list[Record]:
+        out = []
+        for i in range(40):
+            cid = loyalty.c(f"gc{n}-{i}")
+            out += [sale(cid, f"gc-s{n}-{i}", 200_00, order=f"gc-o{n}-{i}"),
+                    sale(cid, f"gc-t{n}-{i}", 10_00, redeem=50),
+                    refund(cid, f"gc-r{n}-{i}", f"gc-o{n}-{i}", 50_00)]
+        return out
+
+    await loyalty.feed(*batch(0))  # statements prepared, caches filled
+    with cyclic_garbage() as left:
+        for n in (1, 2, 3):
+            await loyalty.feed(*batch(n))
+        await loyalty.feed(merge("merged", loyalty.c("gc1-0"), loyalty.c("gc1-1"), "gc-m1"))
+    assert await loyalty.balance(loyalty.c("gc1-0")) == 2 * (200 - 50 + 10 - 50)
+    assert sum(left.values()) == 0, left.most_common(8)

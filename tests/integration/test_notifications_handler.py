@@ -37,6 +37,7 @@ from shared.topics import (
     TRIGGER,
     TRIGGERS_FIRED,
 )
+from tests.support.cycles import cyclic_garbage
 
 pytestmark = pytest.mark.asyncio
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "notifications" / "migrations"
@@ -223,3 +224,17 @@ async def test_a_trigger_is_decided_on_the_profile_it_was_fired_on_not_a_later_o
     assert (rows["t1"]["status"], rows["t1"]["reason"]) == ("suppressed", "no_consent")
     assert rows["t2"]["status"] != "suppressed"  # fired after the consent arrived
     assert await pool.fetchval("SELECT consents->>'email' FROM contacts WHERE customer_id = 'c1'") == "opted_in"
+
+
+async def test_batches_are_freed_without_the_cyclic_collector(env):
+    """Everything a batch builds (decisions, and triggers held for a profile and released by it) is
+    freed by reference counting as it ends, compiled or not: none of it waits for the collector,
+    which the service runs rarely (tests/support/cycles.py)."""
+    pool, apply, clock, metrics = env
+    await apply(profile("gc-0"), trigger("gc-t0", "gc-0"))  # statements prepared, caches filled
+    with cyclic_garbage() as left:
+        for n in (1, 2, 3):
+            await apply(trigger(f"gc-t{n}", f"gc-{n}"))  # held: no profile yet
+            await apply(profile(f"gc-{n}"), trigger(f"gc-u{n}", "gc-0", period=f"gc-{n}"))  # released
+    assert len({o["trigger_id"] for o in await outcomes(pool)}) == 7
+    assert sum(left.values()) == 0, left.most_common(8)

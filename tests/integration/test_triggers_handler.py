@@ -38,6 +38,7 @@ from shared.topics import (
     RESOLVED,
     TRIGGER,
 )
+from tests.support.cycles import cyclic_garbage
 
 pytestmark = pytest.mark.asyncio
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "triggers" / "migrations"
@@ -439,3 +440,27 @@ async def test_events_of_a_merged_customer_fold_into_its_survivor(harness: Harne
         assert await conn.fetchval("SELECT customer_id FROM point_lots WHERE lot_id = 'lm'") == "s"
         # (A sale is stored under its order: handlers._event_key.)
         assert await conn.fetchval("SELECT owner FROM customer_events WHERE event_id = 'o-m2'") == "m"
+
+
+async def test_batches_and_scans_are_freed_without_the_cyclic_collector(harness: Harness):
+    """Everything a batch or a scan builds is freed by reference counting as it ends, compiled or
+    not: none of it waits for the collector, which the service runs rarely (tests/support/cycles.py)."""
+    h = harness
+
+    def batch(n: int) -> list[Record]:
+        out = []
+        for i in range(n * 40, n * 40 + 40):
+            cid, at = f"gc-{i}", T0 + dt.timedelta(seconds=i)
+            out += [profile(cid), sale(cid, f"gc-s{i}", at),
+                    loyalty(cid, f"gc-l{i}", "points_earned", at, points=42, balance=42,
+                            expires_at=at + dt.timedelta(days=365))]
+        return out
+
+    await h.feed(soho(T0 - dt.timedelta(days=30)), *batch(0))  # statements prepared, caches filled
+    assert await h.scan(T0 + dt.timedelta(days=91)) == 40
+    with cyclic_garbage() as left:
+        for n in (1, 2, 3):
+            await h.feed(*batch(n))
+        fired = await h.scan(T0 + dt.timedelta(days=92))
+    assert fired == 120  # the win-backs of the three batches' customers
+    assert sum(left.values()) == 0, left.most_common(8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import subprocess
@@ -94,3 +95,34 @@ def test_the_hot_modules_run_compiled_unless_turned_off():
     else:
         assert as_source == [], (f"{as_source} run as Python source: run `make compiled` "
                                  f"(see {compiled.BUILD / 'build.log'})")
+
+
+def _defines_a_function_in_a_coroutine(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        suspends = isinstance(node, ast.AsyncFunctionDef) or (
+            isinstance(node, ast.FunctionDef)
+            and any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in ast.walk(node)))
+        if not suspends:
+            continue
+        for sub in ast.walk(node):
+            if sub is not node and (isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                    or (isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Lambda))):
+                found.append((sub.lineno, node.name))
+    return found
+
+
+def test_no_coroutine_of_a_hot_module_defines_a_function():
+    """Compiled, a coroutine or generator keeps all its locals in one scope object, and a function
+    defined in it (and kept in a local) refers back to that scope: the two keep each other, and the
+    call's whole working set, until the collector's rare full pass (tests/support/cycles.py; the
+    triggers worker held ~10 batches of records that way). Hot modules define such helpers at
+    module level or as methods."""
+    root = Path(__file__).resolve().parents[2]
+    offenders = [f"{module}:{line} in {name}" for module in HOT
+                 for line, name in _defines_a_function_in_a_coroutine(
+                     ast.parse((root / (module.replace(".", "/") + ".py")).read_text()))]
+    assert offenders == []
+    assert _defines_a_function_in_a_coroutine(ast.parse(
+        "async def f():\n    def g():\n        return 1\n    h = lambda: 2\n    return g() + h()\n")) == [
+        (2, "f"), (4, "f")]
