@@ -7,6 +7,8 @@ kinds, channels and statuses only.
 from __future__ import annotations
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -29,7 +31,14 @@ class ServiceMetrics:
 
     def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
         self.service = service
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # The process's memory, CPU and file descriptors (process_*) and the cyclic collector's
+            # passes (python_gc_*), as the default registry has them: memory under load is what an
+            # SRE watches first, and garbage left for the collector showed there (tests/support/cycles.py).
+            registry.register(PROCESS_COLLECTOR)
+            registry.register(GC_COLLECTOR)
+        self.registry = registry
         p = f"omnicrm_{service}"
         r = self.registry
         self.events_consumed = Counter(f"{p}_events_consumed", "Records consumed, per topic.", ["topic"], registry=r)

@@ -23,6 +23,11 @@ def test_every_service_exports_the_documented_families_without_customer_data(pip
         declared = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
         for family in FAMILIES:
             assert f"omnicrm_{name}_{family}" in declared, f"{name} lacks omnicrm_{name}_{family}"
+        # The process's own families, as the README lists them: its memory is read, not guessed.
+        assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "python_gc_collections_total"} <= declared
+        rss = next(float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("process_resident_memory_bytes "))
+        assert 20 * 2**20 < rss < 2**32, f"{name} reports {rss} bytes resident"
         labels = " ".join(line.split("{", 1)[1].rsplit("}", 1)[0] for line in text.splitlines()
                           if "{" in line and not line.startswith("#"))
         assert not contains_pii(labels), f"{name} has contact data in metric labels"
