@@ -171,8 +171,7 @@ class NotificationHandler:
         if not held:
             return [], []
         now = self.clock.now()
-        # The holds already over, by position. (Not a closure: compiled, a coroutine's scope and a
-        # closure in it keep each other, and the rows with them, until the collector's rare full pass.)
+        # The holds already over, by position (not a closure: see tests/support/cycles.py).
         expired = set() if self.as_of_fired_at else {i for i, r in enumerate(held) if hold_expired(r["due_at"], now)}
         late = [str(held[i]["notification_id"]) for i in sorted(expired)]
         messages = []

@@ -122,9 +122,7 @@ def _attach_home_store(facts: CustomerFacts, stores: dict[str, Store]) -> None:
 def _live(cid: str, facts: dict[str, CustomerFacts | None], loaded: Mapping[str, CustomerFacts],
           touched: set[str], deleted: set[str]) -> CustomerFacts:
     """The facts of `cid` a batch changes: new, or gone earlier in the batch (its rows may still be
-    there), or as loaded. (Not a closure inside __call__: compiled, a coroutine keeps every local in
-    one scope object, which a nested function refers back to: the cycle kept each batch's records
-    and facts until the collector's rare full pass; see tests/integration/test_no_cycles.py.)"""
+    there), or as loaded. (Not a closure in __call__: see tests/support/cycles.py.)"""
     f = facts.get(cid)
     if f is None:
         f = facts[cid] = CustomerFacts(cid, stored=None if cid in loaded else store.ABSENT)
@@ -430,8 +428,7 @@ class TriggersHandler:
                          zones: tuple[list[str], str] | None, dense: bool) -> int:
         """One connection's share of a scan: chunks from `parts` (shared by the connections, each
         chunk to whichever is free first) until none is left; how many fired. (A method, not a
-        closure in scan: compiled, that closure and the coroutine's scope kept each other, and the
-        scan's candidates with them, until the collector's rare full pass.)"""
+        closure in scan: see tests/support/cycles.py.)"""
         fired = 0
         for part in parts:
             done = None

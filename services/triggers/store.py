@@ -728,8 +728,7 @@ async def scan_candidates(conn: asyncpg.Connection, as_of: dt.datetime, cfg: Rul
     """Customers for whom a time-based trigger may be due at `as_of` (the rules decide), sorted.
 
     With `other`, a second connection, the two halves of the query run at once. (No closures here:
-    compiled, a coroutine's scope and a closure in it keep each other, and the candidates with them,
-    until the collector's rare full pass.)"""
+    see tests/support/cycles.py.)"""
     # Wall clock (no `since`), a birthday fires only while its window is open at `as_of`: the birthdays
     # whose windows closed within the lateness are no candidates (without this, every scan re-read them).
     birthdays_from = _lower("birthday_coupon", as_of, cfg, since) if since is not None else as_of
