@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.avro import HEADER_LEN, AvroCodec
-from shared.avro_wire import read_long as _read_long
-from shared.avro_wire import read_string as _read_string
+from shared.avro_wire import LONG, OPTIONAL_STRING, STRING, program, read
 from shared.errors import SchemaError
 from shared.topics import EVENT, Topic
 
@@ -51,15 +50,6 @@ def _timestamp(ms: int, _epoch: dt.datetime = EPOCH, _delta: type[dt.timedelta] 
     return _epoch + _delta(0, ms // 1000, (ms % 1000) * 1000)  # exact, and cheaper than milliseconds=
 
 
-
-
-def _optional_string(buf: bytes, pos: int) -> tuple[str | None, int]:
-    branch, pos = _read_long(buf, pos)
-    if branch == 0:
-        return None, pos
-    return _read_string(buf, pos)
-
-
 def event_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
     """A BatchConsumer decoder for the ingest topics (falls back to the codec when unsure)."""
     latest = codec.registry.latest(EVENT)
@@ -71,6 +61,8 @@ def event_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
             and all(f["type"] == ["null", "string"] for f in customer["fields"]))
     header = latest.header
     n_optional = 2 + len(customer_fields)  # source, store_id, then the customer's fields
+    # event_id, type, occurred_at, utc_offset_minutes, received_at, then the optional strings.
+    envelope = program(STRING, STRING, LONG, LONG, LONG, OPTIONAL_STRING * n_optional)
 
     def full(topic: Topic, raw: bytes | None) -> Any:  # what BatchConsumer does by default
         if raw is None:
@@ -82,49 +74,8 @@ def event_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
     def decode(topic: Topic, raw: bytes | None) -> Any:
         if not lean or raw is None or topic.subject != EVENT or raw[:HEADER_LEN] != header:
             return full(topic, raw)
-        # The varints are read inline (a call per field was most of this function's time): a
-        # string length or union branch is almost always one byte; longer ones take _read_long.
         try:
-            pos = HEADER_LEN
-            n = raw[pos]
-            if n < 0x80:
-                pos += 1
-                n = (n >> 1) ^ -(n & 1)
-            else:
-                n, pos = _read_long(raw, pos)
-            end = pos + n
-            event_id = raw[pos:end].decode()
-            n = raw[end]
-            if n < 0x80:
-                pos = end + 1
-                n = (n >> 1) ^ -(n & 1)
-            else:
-                n, pos = _read_long(raw, end)
-            end = pos + n
-            kind = raw[pos:end].decode()
-            occurred, pos = _read_long(raw, end)
-            offset, pos = _read_long(raw, pos)
-            received, pos = _read_long(raw, pos)
-            values: list[str | None] = []
-            for _ in range(n_optional):
-                branch = raw[pos]
-                pos += 1
-                if branch == 0:
-                    values.append(None)
-                    continue
-                if branch != 2:
-                    raise IndexError  # not a union branch of ["null", "string"]: the codec decides
-                n = raw[pos]
-                if n < 0x80:
-                    pos += 1
-                    n = (n >> 1) ^ -(n & 1)
-                else:
-                    n, pos = _read_long(raw, pos)
-                end = pos + n
-                values.append(raw[pos:end].decode())
-                pos = end
-            if pos > len(raw) or n < 0:
-                raise IndexError
+            event_id, kind, occurred, offset, received, *values, _ = read(raw, HEADER_LEN, envelope)
         except (IndexError, UnicodeDecodeError):
             return full(topic, raw)  # malformed: let the codec raise its error
         event = LazyEvent(event_id=event_id, type=kind,

@@ -11,36 +11,33 @@ from typing import Any
 
 from services.loyalty.ledger import Enrol, Erase, Notice, Return, Sale
 from shared.avro import HEADER_LEN, AvroCodec
-from shared.avro_wire import read_long as _long_at
-from shared.avro_wire import read_string as _string_at
+from shared.avro_wire import (
+    LONG,
+    OPTIONAL_STRING,
+    OPTIONAL_TIMESTAMP_MILLIS,
+    SKIP_LONG,
+    SKIP_OPTIONAL_LONG,
+    SKIP_OPTIONAL_STRING,
+    SKIP_STRING,
+    STRING,
+    TIMESTAMP_MILLIS,
+    array,
+    program,
+    read,
+    write,
+    write_program,
+)
 from shared.errors import SchemaError
 from shared.topics import LOYALTY, RESOLVED, Topic
 
 _FIELDS = ["event_id", "kind", "customer_id", "occurred_at", "points", "balance", "order_id",
            "cause_event_id", "old_tier", "new_tier", "trailing_spend", "currency", "expires_at"]
+# The LoyaltyEvent, one write operation per field.
+_NOTICE = write_program(STRING, STRING, STRING, TIMESTAMP_MILLIS, LONG, LONG, OPTIONAL_STRING,
+                        OPTIONAL_STRING, OPTIONAL_STRING, OPTIONAL_STRING, LONG, STRING,
+                        OPTIONAL_TIMESTAMP_MILLIS)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
-
-
-# Varints of the zigzagged values below 2**14 (one or two bytes), looked up instead of computed.
-_SMALL = [bytes([z]) if z < 0x80 else bytes([(z & 0x7F) | 0x80, z >> 7]) for z in range(1 << 14)]
-
-
-def _long(n: int, out: bytearray) -> None:
-    n = (n << 1) ^ (n >> 63)  # zigzag
-    if n < 16384:
-        out += _SMALL[n]
-        return
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-
-
-def _string(s: str, out: bytearray) -> None:
-    data = s.encode()
-    _long(len(data), out)
-    out += data
 
 
 def loyalty_encoder(codec: AvroCodec) -> Callable[[Notice], bytes]:
@@ -50,57 +47,10 @@ def loyalty_encoder(codec: AvroCodec) -> Callable[[Notice], bytes]:
         return lambda n: codec.encode(LOYALTY, n.as_record())
     header = bytes(version.header)
 
-    kinds: dict[str, bytes] = {}
-    small, ms, epoch = _SMALL, _MS, _EPOCH
-
-    def varint(n: int) -> bytes:  # zigzagged, past the table (timestamps, big amounts)
-        n = (n << 1) ^ (n >> 63)
-        if n < 16384:
-            return small[n]
-        if 1 << 35 <= n < 1 << 42:  # six bytes: epoch milliseconds of 1971..2109
-            return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80,
-                          n >> 21 & 0x7F | 0x80, n >> 28 & 0x7F | 0x80, n >> 35))
-        out = bytearray()
-        while n & ~0x7F:
-            out.append((n & 0x7F) | 0x80)
-            n >>= 7
-        out.append(n)
-        return bytes(out)
-
-    # Straight-line: lengths and non-negative longs below 8192 come from the table (zigzag of a
-    # non-negative n is 2n), everything else from varint(); the pieces are joined once.
     def encode(n: Notice) -> bytes:
-        kind = kinds.get(n.kind)
-        if kind is None:  # a handful of kinds: encoded once each
-            kind = bytearray()
-            _string(n.kind, kind)
-            kind = kinds[n.kind] = bytes(kind)
-        eid = n.event_id.encode()
-        cid = n.customer_id.encode()
-        cur = n.currency.encode()
-        points, balance, spend = n.points, n.balance, n.trailing_spend
-        parts = [header, small[len(eid) << 1] if len(eid) < 8192 else varint(len(eid)), eid, kind,
-                 small[len(cid) << 1] if len(cid) < 8192 else varint(len(cid)), cid,
-                 varint((n.occurred_at - epoch) // ms),
-                 small[points << 1] if 0 <= points < 8192 else varint(points),
-                 small[balance << 1] if 0 <= balance < 8192 else varint(balance)]
-        for opt in (n.order_id, n.cause_event_id, n.old_tier, n.new_tier):
-            if opt is None:
-                parts.append(b"\x00")
-            else:
-                b = opt.encode()
-                parts.append(b"\x02")
-                parts.append(small[len(b) << 1] if len(b) < 8192 else varint(len(b)))
-                parts.append(b)
-        parts.append(small[spend << 1] if 0 <= spend < 8192 else varint(spend))
-        parts.append(small[len(cur) << 1] if len(cur) < 8192 else varint(len(cur)))
-        parts.append(cur)
-        if n.expires_at is None:
-            parts.append(b"\x00")
-        else:
-            parts.append(b"\x02")
-            parts.append(varint((n.expires_at - epoch) // ms))
-        return b"".join(parts)
+        return write(header, _NOTICE, (
+            n.event_id, n.kind, n.customer_id, n.occurred_at, n.points, n.balance, n.order_id,
+            n.cause_event_id, n.old_tier, n.new_tier, n.trailing_spend, n.currency, n.expires_at))
 
     # Self-check against the generic codec on a sample covering every branch.
     at = dt.datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=dt.UTC)
@@ -185,74 +135,20 @@ def _lean_layout(schema: dict) -> tuple[int, int, int] | None:
         return None
 
 
+# Programs of shared.avro_wire over the layout _lean_layout checked: the envelope up to the
+# properties' union branch, then a sale's or a return's properties to the end of the record.
+_LINE = array(SKIP_STRING, SKIP_OPTIONAL_STRING, SKIP_OPTIONAL_STRING, SKIP_LONG, SKIP_LONG)
+_SALE = program(STRING, STRING, LONG, _LINE, SKIP_OPTIONAL_LONG, array(SKIP_STRING), LONG,
+                SKIP_OPTIONAL_STRING)  # order_id, currency, total, points_redeemed
+_RETURN = program(STRING, STRING, STRING, LONG, _LINE)  # order_id, return_id, currency, total
 
 
-# Each reader below handles the common case inline (a length or value in one byte, a null) and
-# leaves the rest to shared.avro_wire: a function call per field was most of decoding's cost.
-# Anything they cannot read raises IndexError, and the record goes to the codec.
-
-def _text(buf: bytes, pos: int) -> tuple[str, int]:
-    b = buf[pos]
-    if b < 0x80 and not b & 1:  # a length below 64 in one byte
-        end = pos + 1 + (b >> 1)
-        if end > len(buf):
-            raise IndexError("string past the end")
-        return buf[pos + 1:end].decode(), end
-    return _string_at(buf, pos)
-
-
-def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
-    b = buf[pos]
-    if b < 0x80:
-        return (b >> 1) ^ -(b & 1), pos + 1
-    return _long_at(buf, pos)
-
-
-def _skip_string(buf: bytes, pos: int) -> int:
-    b = buf[pos]
-    if b < 0x80 and not b & 1:
-        return pos + 1 + (b >> 1)
-    n, pos = _long_at(buf, pos)
-    if n < 0:
-        raise IndexError("negative length")
-    return pos + n
-
-
-def _skip_optional_string(buf: bytes, pos: int) -> int:
-    branch = buf[pos]
-    if branch == 0:
-        return pos + 1
-    if branch != 2:  # zig-zag 1: the string branch
-        raise IndexError("bad union branch")
-    return _skip_string(buf, pos + 1)
-
-
-def _skip_blocks(buf: bytes, pos: int, item: Callable[[bytes, int], int]) -> int:
-    """Skip an Avro array whose items `item` skips."""
-    while True:
-        count, pos = _read_long(buf, pos)
-        if count == 0:
-            return pos
-        if count < 0:  # a block with its byte size: jump over it
-            size, pos = _long_at(buf, pos)
-            pos += size
-            continue
-        for _ in range(count):
-            pos = item(buf, pos)
-
-
-def _skip_line(buf: bytes, pos: int) -> int:
-    pos = _skip_optional_string(buf, _skip_optional_string(buf, _skip_string(buf, pos)))
-    while buf[pos] & 0x80:  # quantity
-        pos += 1
-    pos += 1
-    while buf[pos] & 0x80:  # unit_price
-        pos += 1
-    return pos + 1
-
-
-def _skip_identifier(buf: bytes, pos: int) -> int:
-    return _skip_string(buf, _skip_string(buf, pos))
+def _envelope(n_customer: int) -> bytes:
+    """customer_id, event_id, type, occurred_at and the properties' branch, read; the rest skipped."""
+    return program(STRING, array(SKIP_STRING, SKIP_STRING), STRING, STRING, LONG,
+                   SKIP_LONG, SKIP_LONG,  # utc_offset_minutes, received_at
+                   SKIP_OPTIONAL_STRING, SKIP_OPTIONAL_STRING,  # source, store_id
+                   SKIP_OPTIONAL_STRING * n_customer, LONG)
 
 
 def resolved_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
@@ -272,53 +168,27 @@ def resolved_decoder(codec: AvroCodec) -> Callable[[Topic, bytes | None], Any]:
     if layout is None:
         return full
     n_customer, sale_branch, return_branch = layout
+    envelope = _envelope(n_customer)
 
     def decode(topic: Topic, raw: bytes | None) -> Any:
         if raw is None or topic.subject != RESOLVED or raw[:HEADER_LEN] != header:
             return full(topic, raw)
         try:
-            customer_id, pos = _text(raw, HEADER_LEN)
-            pos = _skip_blocks(raw, pos, _skip_identifier)
-            event_id, pos = _text(raw, pos)
-            kind, pos = _text(raw, pos)
+            customer_id, event_id, kind, millis, branch, pos = read(raw, HEADER_LEN, envelope)
             if kind not in _WANTED:
                 return IGNORED
-            millis, pos = _read_long(raw, pos)
-            for _ in range(2):  # utc_offset_minutes, received_at: skipped, not decoded
-                while raw[pos] & 0x80:
-                    pos += 1
-                pos += 1
-            pos = _skip_optional_string(raw, pos)  # source
-            pos = _skip_optional_string(raw, pos)  # store_id
-            for _ in range(n_customer):  # mostly nulls: one zero byte each
-                pos = pos + 1 if raw[pos] == 0 else _skip_optional_string(raw, pos)
             at = _EPOCH + _MS * millis  # exact, and half the cost of timedelta(milliseconds=)
-            branch, pos = _read_long(raw, pos)
             if kind == "sale" and branch == sale_branch:
-                order_id, pos = _text(raw, pos)
-                currency, pos = _text(raw, pos)
-                total, pos = _read_long(raw, pos)
-                pos = _skip_blocks(raw, pos, _skip_line)
-                has_discount, pos = _read_long(raw, pos)
-                if has_discount:
-                    _, pos = _read_long(raw, pos)
-                pos = _skip_blocks(raw, pos, _skip_string)
-                redeemed, pos = _read_long(raw, pos)
-                pos = _skip_optional_string(raw, pos)
-                if pos != len(raw):
-                    return full(topic, raw)
-                return Sale(event_id, customer_id, at, order_id, currency, total, redeemed)
-            if kind == "return" and branch == return_branch:
-                order_id, pos = _text(raw, pos)
-                return_id, pos = _text(raw, pos)
-                currency, pos = _text(raw, pos)
-                total, pos = _read_long(raw, pos)
-                if _skip_blocks(raw, pos, _skip_line) != len(raw):
-                    return full(topic, raw)
-                return Return(event_id, customer_id, at, order_id, return_id, currency, total)
-            if kind == "erase_request":
+                order_id, currency, total, redeemed, end = read(raw, pos, _SALE)
+                if end == len(raw):
+                    return Sale(event_id, customer_id, at, order_id, currency, total, redeemed)
+            elif kind == "return" and branch == return_branch:
+                order_id, return_id, currency, total, end = read(raw, pos, _RETURN)
+                if end == len(raw):
+                    return Return(event_id, customer_id, at, order_id, return_id, currency, total)
+            elif kind == "erase_request":
                 return Erase(event_id, customer_id, at)
-            if kind == "signup":
+            elif kind == "signup":
                 return Enrol(event_id, customer_id, at)
         except (IndexError, UnicodeDecodeError, ValueError, OverflowError):
             pass
