@@ -228,18 +228,6 @@ def read(buf: bytes, pos: int, prog: bytes) -> list:
     return out
 
 
-def read_long(buf: bytes, pos: int) -> tuple[int, int]:
-    """A zig-zag varint at `pos`: (value, position after it)."""
-    value, end = read(buf, pos, LONG)
-    return value, end
-
-
-def read_string(buf: bytes, pos: int) -> tuple[str, int]:
-    """A length-prefixed UTF-8 string at `pos`: (value, position after it)."""
-    value, end = read(buf, pos, STRING)
-    return value, end
-
-
 # -- writing -----------------------------------------------------------------------------------
 
 @cython.cfunc
