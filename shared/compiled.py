@@ -34,7 +34,7 @@ PURE_ENV = "OMNICRM_PURE_PYTHON"
 # compiled module's __file__ is its .so under build/.)
 HOT = (
     "shared.batch_consumer", "shared.avro_wire", "shared.avro_compiled", "shared.avro_reader",
-    "shared.outbox", "shared.event_order", "shared.publish",
+    "shared.outbox", "shared.event_order", "shared.publish", "shared.pg_timestamptz",
     "services.identity.handlers", "services.identity.resolution", "services.identity.records",
     "services.identity.profile", "services.identity.normalise", "services.identity.wire",
     "services.identity.store",

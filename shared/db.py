@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from shared import pg_timestamptz
 from shared.errors import ConfigError, TransientError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               format="binary")
     await conn.set_type_codec("json", encoder=lambda v: orjson.dumps(v).decode(),
                               decoder=orjson.loads, schema="pg_catalog")
+    if pg_timestamptz.COMPILED:  # as source, asyncpg's own codec is the faster one
+        await conn.set_type_codec("timestamptz", encoder=pg_timestamptz.encode,
+                                  decoder=pg_timestamptz.decode, schema="pg_catalog", format="tuple")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -32,6 +32,10 @@ def returns(_type: Any) -> Any:
     return _identity
 
 
+def exceptval(_value: Any = None, **_kw: Any) -> Any:
+    return _identity
+
+
 def declare(_type: Any = None, value: Any = None, **_kw: Any) -> Any:
     return value
 
