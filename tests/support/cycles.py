@@ -1,6 +1,6 @@
 """What a block of code leaves to the cyclic garbage collector.
 
-The services raise gen-0's threshold to 50,000 (shared.runtime.tune_gc), so what only the collector
+The services raise gen-0's threshold to 200,000 (shared.runtime.tune_gc), so what only the collector
 can free lives until its rare older-generation passes. Compiled (shared.compiled), a coroutine keeps
 all its locals in one scope object, and a closure defined in it refers back to that scope: each call
 left its whole working set (a batch's records, facts, triggers) for the collector, and the triggers
